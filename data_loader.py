@@ -1,0 +1,309 @@
+"""Data for training and evaluation: find or download the images, split them, build transforms and loaders.
+
+The dataset is a folder of class sub-folders (the Kaggle `asl_alphabet_train` layout; any class set works).
+Everything that decides *which* images land in training or validation lives here, so that `evaluate.py`
+recomputes exactly the split that training used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+log = logging.getLogger(__name__)
+
+KAGGLE_DATASET = "grassknoted/asl-alphabet"
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Consecutive video frames are near-duplicates: a block split holds out runs of frames, not single frames.
+SPLIT_BLOCKS_PER_CLASS = 20
+_FRAME_NUMBER = re.compile(r"(\d+)$")
+
+Sample = tuple[str, int]
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem the user can fix; the message says how."""
+
+
+def download_dataset() -> Path:
+    """Download the Kaggle ASL alphabet with kagglehub and return its folder of class sub-folders."""
+    try:
+        import kagglehub
+
+        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as err:  # kagglehub raises many types (network, auth, HTTP); all mean the same here
+        raise DatasetError(
+            f"Could not download the Kaggle dataset '{KAGGLE_DATASET}' ({type(err).__name__}: {err}). "
+            "Check your internet connection and Kaggle credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/"
+            "KAGGLE_KEY), or pass a local folder of class sub-folders with --xtrain_path."
+        ) from None
+    return resolve_train_dir(root)
+
+
+def resolve_train_dir(path: str | os.PathLike) -> Path:
+    """Accept the class folder itself or the Kaggle download root (`asl_alphabet_train/asl_alphabet_train`)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"Dataset folder '{root}' does not exist. Pass a folder of class sub-folders "
+                           "with --xtrain_path (or leave it out to download the Kaggle dataset).")
+    for nested in ("asl_alphabet_train/asl_alphabet_train", "asl_alphabet_train"):
+        if (root / nested).is_dir():
+            return root / nested
+    return root
+
+
+def is_image_file(path: Path) -> bool:
+    """Cheap check that a file is a readable image: extension, non-empty, and a header PIL understands."""
+    if path.suffix.lower() not in IMG_EXTENSIONS:
+        return False
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as im:
+            return im.width > 0 and im.height > 0
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+@dataclass
+class ImageList:
+    """The images found in a dataset folder and what was skipped."""
+    samples: list[Sample]
+    classes: list[str]
+    skipped: list[str]
+
+
+def scan_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageList:
+    """List (path, class index) for every readable image in `root/<class>/`, skipping and counting the rest."""
+    root = resolve_train_dir(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < min_classes:
+        raise DatasetError(f"'{root}' has {len(classes)} class sub-folder(s) ({', '.join(classes) or 'none'}); "
+                           f"a classifier needs at least {min_classes}. Point --xtrain_path at the folder that "
+                           "holds one sub-folder per class (e.g. asl_alphabet_train/A, .../B, ...).")
+    samples, skipped = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            (samples.append((str(path), index)) if is_image_file(path) else skipped.append(str(path)))
+    if not samples:
+        raise DatasetError(f"No readable images under '{root}' (looked for {', '.join(IMG_EXTENSIONS)}).")
+    empty = [c for i, c in enumerate(classes) if not any(label == i for _, label in samples)]
+    if empty:
+        raise DatasetError(f"Class folder(s) with no readable image in '{root}': {', '.join(empty)}. "
+                           "Remove them or add images.")
+    if skipped:
+        log.warning("Skipped %d unreadable or non-image file(s) in %s, e.g. %s", len(skipped), root, skipped[0])
+    return ImageList(samples, classes, skipped)
+
+
+def frame_number(path: str) -> int | None:
+    """The frame number at the end of a file name (`A123.jpg` -> 123), or None."""
+    match = _FRAME_NUMBER.search(Path(path).stem)
+    return int(match.group(1)) if match else None
+
+
+def resolve_split_by(samples: list[Sample], split_by: str) -> str:
+    """`auto` means `block` when every file name carries a frame number (the Kaggle layout), else `random`."""
+    if split_by != "auto":
+        return split_by
+    return "block" if all(frame_number(p) is not None for p, _ in samples) else "random"
+
+
+def split_samples(samples: list[Sample], val_split: float, seed: int, split_by: str = "auto") -> tuple[list[int], list[int]]:
+    """Stratified, seeded train/validation split; returns sorted index lists into `samples`.
+
+    `random` draws single images per class. `block` sorts each class by frame number, cuts it into
+    SPLIT_BLOCKS_PER_CLASS runs of consecutive frames and holds out whole runs, so near-identical neighbouring
+    frames never sit on both sides of the split.
+    """
+    if not 0.0 < val_split < 1.0:
+        raise DatasetError(f"--val_split must be between 0 and 1 (got {val_split}); 0.1 holds out 10%.")
+    split_by = resolve_split_by(samples, split_by)
+    if split_by not in ("block", "random"):
+        raise DatasetError(f"Unknown split '{split_by}': use auto, block or random.")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, (_, label) in enumerate(samples):
+        by_class[label].append(i)
+    val: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        if split_by == "block":
+            idx = sorted(idx, key=lambda i: (frame_number(samples[i][0]) or 0, samples[i][0]))
+            n_blocks = min(SPLIT_BLOCKS_PER_CLASS, len(idx))
+            blocks = [idx[len(idx) * b // n_blocks: len(idx) * (b + 1) // n_blocks] for b in range(n_blocks)]
+        else:
+            blocks = [[i] for i in idx]
+            rng.shuffle(blocks)
+        n_val = round(val_split * len(blocks))
+        n_val = min(max(n_val, 1), len(blocks) - 1) if len(blocks) > 1 else 0
+        for block in rng.sample(blocks, n_val):
+            val.extend(block)
+    val_set = set(val)
+    train = [i for i in range(len(samples)) if i not in val_set]
+    return train, sorted(val)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+def _interpolation(cfg: dict) -> InterpolationMode:
+    return InterpolationMode(cfg.get("interpolation", "bilinear"))
+
+
+def eval_transform(cfg: dict) -> T.Compose:
+    """Resize, centre crop and normalise, exactly as the pretrained weights' own preset does."""
+    # geometry on the PIL image, as the preset does, so the tensors match it exactly
+    return T.Compose([
+        T.Resize(cfg["resize_size"], interpolation=_interpolation(cfg), antialias=True),
+        T.CenterCrop(cfg["crop_size"]),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
+def train_transform(cfg: dict, augment: bool) -> T.Compose:
+    """Training transform: the eval preset, or augmentations that survive a change of hand, light and room.
+
+    No horizontal flip: a mirrored hand shape is another sign.
+    """
+    if not augment:
+        return eval_transform(cfg)
+    return T.Compose([
+        T.RandomResizedCrop(cfg["crop_size"], scale=(0.5, 1.0), ratio=(0.8, 1.25),
+                            interpolation=_interpolation(cfg), antialias=True),
+        T.ToImage(),
+        T.RandomApply([T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR)], p=0.5),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.05)], p=0.8),
+        T.RandomGrayscale(p=0.1),
+        T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(cfg["mean"], cfg["std"]),
+        T.RandomErasing(p=0.25, value=0),
+    ])
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temp file then rename), so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+def load_rgb(path_or_file) -> Image.Image:
+    """Open an image as upright RGB (EXIF rotation applied; grayscale, RGBA, CMYK and 16-bit converted)."""
+    with Image.open(path_or_file) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: scale to 8 bits first, a plain convert("RGB") would clip to white
+            im = im.point(lambda v: v / 256).convert("L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, rgba)
+        return im.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """(path, label) samples decoded with PIL and transformed; an image that fails to decode is replaced by the
+    next one and logged, so one truncated file never stops a long training run."""
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self.transform(load_rgb(path)), label
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                log.warning("Skipping unreadable image %s (%s)", path, err)
+        raise DatasetError("No image in the dataset could be decoded.")
+
+
+class ShardSampler(Sampler[int]):
+    """Every rank gets a disjoint slice of the dataset and nothing is padded.
+
+    DistributedSampler pads with duplicates so all ranks see the same count; for evaluation that double-counts
+    some images. Evaluation needs no gradient sync, so uneven shards are fine there.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; python's random must follow it for reproducibility
+    random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0, world_size: int = 1,
+                num_workers: int = 2, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader for one split.
+
+    Training always uses a DistributedSampler (also on one process): its shuffle depends only on seed and epoch,
+    so a resumed run sees the same order as an uninterrupted one. Evaluation takes an unpadded shard per rank.
+    """
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+    generator = torch.Generator().manual_seed(seed + rank)
+    # a last training batch of one image breaks BatchNorm; dropping the remainder costs < 1 batch per epoch
+    drop_last = train and len(sampler) > batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last,
+                      worker_init_fn=_seed_worker, generator=generator)
+
+
+@dataclass
+class Splits:
+    """What training needs to know about its data."""
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    split_by: str
+    skipped: list[str]
+
+
+def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: int = 0, split_by: str = "auto",
+                 augment: bool = True) -> Splits:
+    """Split scanned images and wrap both sides with their transforms (validation is never augmented)."""
+    train_idx, val_idx = split_samples(images.samples, val_split, seed, split_by)
+    train_samples = [images.samples[i] for i in train_idx]
+    val_samples = [images.samples[i] for i in val_idx]
+    return Splits(ImageDataset(train_samples, train_transform(cfg, augment)),
+                  ImageDataset(val_samples, eval_transform(cfg)), images.classes, train_samples, val_samples,
+                  resolve_split_by(images.samples, split_by), images.skipped)

@@ -1,0 +1,228 @@
+"""Train the ASL sign classifier: `python pt_train.py --xtrain_path DIR` (CPU), `--gpu` (one GPU),
+`--world_size N` (N processes on this machine via mp.spawn), or `torchrun ... pt_train.py` (many machines).
+
+Writes into --save_dir: last.pt and best.pt (model, optimizer, scheduler, epoch, metadata), history.json,
+classes.json, transform.json, config.json and split.json. Exit code 2 means a problem with the input,
+explained in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import data_loader
+import model as models
+import pt_engine
+
+log = logging.getLogger("pt_train")
+
+EXIT_USAGE = 2
+
+
+class UsageError(RuntimeError):
+    """A problem with the command line or the environment that the user fixes; reported without traceback."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--xtrain_path", help="folder of class sub-folders; default: download the Kaggle dataset")
+    data.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation")
+    data.add_argument("--split_by", choices=("auto", "block", "random"), default="auto",
+                      help="block: hold out runs of consecutive frames (auto picks it when names carry frame numbers)")
+    data.add_argument("--img_size", type=int, default=None, help="training resolution (default: the weights' own)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="random crops, rotation, colour jitter, blur and erasing (never flips)")
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", choices=models.ARCHS, default="efficientnet_b0")
+    model.add_argument("--weights", default="imagenet", help="imagenet, none, or PATH to a state-dict file")
+    model.add_argument("--freeze_backbone", action="store_true", help="train the new head only")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--total_epochs", type=int, default=10)
+    optim.add_argument("--batch_size", type=int, default=32, help="per process")
+    optim.add_argument("--learning_rate", type=float, default=1e-3)
+    optim.add_argument("--weight_decay", type=float, default=1e-4)
+    optim.add_argument("--label_smoothing", type=float, default=0.1)
+    optim.add_argument("--scheduler", choices=("none", "step", "cosine", "plateau"), default="cosine")
+    optim.add_argument("--patience", type=int, default=3, help="epochs without val-loss improvement before stopping")
+    optim.add_argument("--seed", type=int, default=42)
+    run = p.add_argument_group("run")
+    run.add_argument("--save_dir", default="runs/latest")
+    run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")
+    run.add_argument("--overwrite", action="store_true", help="start afresh even if SAVE_DIR has checkpoints")
+    run.add_argument("--gpu", action="store_true", help="train on CUDA GPU(s)")
+    run.add_argument("--world_size", type=int, default=1, help="processes to spawn on this machine (DDP)")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="mixed precision (default: on with --gpu)")
+    args = p.parse_args(argv)
+    if args.amp is None:
+        args.amp = args.gpu
+    return args
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch. cuDNN kernels stay nondeterministic (fast); results match closely, not bitwise."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_free_port() -> int:
+    """A free TCP port on this machine, so concurrent runs never clash on a hard-coded one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_environment(args: argparse.Namespace) -> None:
+    if args.total_epochs < 1 or args.batch_size < 1 or args.world_size < 1 or args.learning_rate <= 0:
+        raise UsageError("--total_epochs, --batch_size and --world_size must be at least 1, --learning_rate > 0.")
+    if args.gpu and not torch.cuda.is_available():
+        raise UsageError("--gpu was given but no CUDA device is available; leave out --gpu to train on the CPU.")
+    if args.gpu and args.world_size > torch.cuda.device_count():
+        raise UsageError(f"--world_size {args.world_size} needs {args.world_size} GPUs but "
+                         f"{torch.cuda.device_count()} are visible; use --world_size {torch.cuda.device_count()}.")
+    save_dir = Path(args.save_dir)
+    if (save_dir / "last.pt").exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"{save_dir} already holds a training run. Pass --resume to continue it, --overwrite to "
+                         "start afresh, or another --save_dir.")
+
+
+def _prepare(args: argparse.Namespace) -> dict:
+    """Checks and work done once before any worker starts: the data scan and the weights' download."""
+    _check_environment(args)
+    root = data_loader.resolve_train_dir(args.xtrain_path) if args.xtrain_path else data_loader.download_dataset()
+    images = data_loader.scan_image_folder(root)
+    models.build_model(args.arch, len(images.classes), args.weights)  # fails early; caches downloads
+    return {"root": str(root), "images": images}
+
+
+def _metadata(args: argparse.Namespace, root: str, classes: list[str], transform: dict, split_by: str) -> dict:
+    return {"arch": args.arch, "num_classes": len(classes), "classes": classes, "transform": transform,
+            "data_root": root, "split_by": split_by, "args": vars(args)}
+
+
+def _write_run_files(save_dir: Path, meta: dict, splits: data_loader.Splits) -> None:
+    save_dir.mkdir(parents=True, exist_ok=True)
+    data_loader.save_json(meta["classes"], save_dir / "classes.json")
+    data_loader.save_json(meta["transform"], save_dir / "transform.json")
+    data_loader.save_json(meta, save_dir / "config.json")
+    root = Path(meta["data_root"])
+    data_loader.save_json({"split_by": splits.split_by, "num_train": len(splits.train_samples),
+                           "val": [str(Path(p).relative_to(root)) for p, _ in splits.val_samples]},
+                          save_dir / "split.json")
+
+
+def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+    if args.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.total_epochs // 3), gamma=0.1)
+    if args.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_epochs)
+    if args.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
+    return None
+
+
+def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared: dict,
+                 callbacks: list | None = None) -> list[dict]:
+    """Train on this process. Under DDP the process group is already initialised (see `run_ddp_worker`)."""
+    set_seed(args.seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    gpu_id = local_rank if args.gpu else None
+    if gpu_id is not None:
+        torch.cuda.set_device(gpu_id)
+    images: data_loader.ImageList = prepared["images"]
+    transform = models.preprocessing(args.arch, args.weights, args.img_size)
+    splits = data_loader.build_splits(images, transform, val_split=args.val_split, seed=args.seed,
+                                      split_by=args.split_by, augment=args.augment)
+    meta = _metadata(args, prepared["root"], images.classes, transform, splits.split_by)
+    save_dir = Path(args.save_dir)
+    if rank == 0:
+        _write_run_files(save_dir, meta, splits)
+        log.info("%d classes; %d training and %d validation images (%s split); %d file(s) skipped",
+                 len(images.classes), len(splits.train_samples), len(splits.val_samples), splits.split_by,
+                 len(images.skipped))
+    loader_args = dict(rank=rank, world_size=world_size, num_workers=args.num_workers, seed=args.seed,
+                       pin_memory=args.gpu)
+    train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
+    val_loader = data_loader.make_loader(splits.val, args.batch_size, train=False, **loader_args)
+
+    net = models.build_model(args.arch, len(images.classes), args.weights)
+    if args.freeze_backbone:
+        models.set_backbone_trainable(net, False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    trainer = pt_engine.CustomTrainer(
+        net, train_loader, val_loader, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
+        gpu_id, save_dir, args.patience, args.total_epochs, world_size, _scheduler(args, optimizer),
+        num_classes=len(images.classes), metadata=meta, amp=args.amp, callbacks=callbacks)
+    if args.resume and (save_dir / "last.pt").exists():
+        trainer.resume(save_dir / "last.pt")
+    elif args.resume and rank == 0:
+        log.info("No checkpoint in %s yet: starting from epoch 1", save_dir)
+    return trainer.train()
+
+
+def _configure_logging(rank: int) -> None:
+    # only rank 0 talks; other ranks report errors only, so N processes print one log
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def run_ddp_worker(rank: int, world_size: int, args: argparse.Namespace, prepared: dict) -> None:
+    """Entry point of each spawned process: join the group, train, always leave the group."""
+    _configure_logging(rank)
+    backend = "nccl" if args.gpu else "gloo"
+    if args.gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        train_worker(rank, world_size, args, prepared)
+    finally:
+        dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torchrun = launched_by_torchrun()
+    rank = int(os.environ["RANK"]) if torchrun else 0
+    _configure_logging(rank)
+    try:
+        prepared = _prepare(args)
+        if torchrun:
+            run_ddp_worker(rank, int(os.environ["WORLD_SIZE"]), args, prepared)
+        elif args.world_size > 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(find_free_port())
+            mp.spawn(run_ddp_worker, args=(args.world_size, args, prepared), nprocs=args.world_size, join=True)
+        else:
+            train_worker(0, 1, args, prepared)
+    except (UsageError, data_loader.DatasetError, models.WeightsError) as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("Interrupted. Continue later with the same command plus --resume.")
+        return 130
+    if rank == 0:
+        log.info("Done. Model and history in %s", args.save_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

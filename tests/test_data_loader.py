@@ -1,0 +1,180 @@
+"""data_loader: dataset discovery, skipping bad files, the honest split, transforms and loaders."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import EfficientNet_B0_Weights
+
+import data_loader as dl
+from conftest import SHARED_ASL, make_image_folder, requires_shared
+
+B0_CFG = {"resize_size": 256, "crop_size": 224, "interpolation": "bicubic",
+          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def test_scan_lists_classes_and_samples(synthetic_dir):
+    images = dl.scan_image_folder(synthetic_dir)
+    assert images.classes == ["A", "B", "C"]
+    assert Counter(label for _, label in images.samples) == {0: 12, 1: 12, 2: 12}
+    assert images.skipped == []
+
+
+def test_kaggle_download_root_is_resolved(tmp_path):
+    nested = make_image_folder(tmp_path / "asl_alphabet_train" / "asl_alphabet_train", per_class=2)
+    assert dl.resolve_train_dir(tmp_path) == nested
+
+
+def test_corrupt_empty_and_non_image_files_are_skipped_and_counted(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "train", per_class=4)
+    (root / "A" / "empty.jpg").write_bytes(b"")
+    (root / "B" / "notes.txt").write_text("not an image")
+    (root / "C" / "garbage.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    images = dl.scan_image_folder(root)
+    assert len(images.samples) == 12
+    assert sorted(Path(p).name for p in images.skipped) == ["empty.jpg", "garbage.jpg", "notes.txt"]
+    assert "Skipped 3" in caplog.text
+
+
+def test_truncated_image_is_replaced_by_the_next_one(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    good = root / "A" / "A1.jpg"
+    data = good.read_bytes()
+    (root / "A" / "A0.jpg").write_bytes(data[: len(data) // 2])  # header intact, pixels missing
+    images = dl.scan_image_folder(root)
+    ds = dl.ImageDataset(images.samples, dl.eval_transform(B0_CFG))
+    bad = [i for i, (p, _) in enumerate(images.samples) if p.endswith("A0.jpg")][0]
+    x, y = ds[bad]
+    assert x.shape == (3, 224, 224) and y == 0
+    torch.testing.assert_close(x, ds[bad + 1][0])
+    assert "Skipping unreadable image" in caplog.text
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: make_image_folder(p / "one", classes=("A",), per_class=3), "at least 2"),
+])
+def test_unusable_folders_say_what_to_do(tmp_path, make, message):
+    with pytest.raises(dl.DatasetError, match=message) as err:
+        dl.scan_image_folder(make(tmp_path))
+    assert "--xtrain_path" in str(err.value)
+
+
+def test_folder_without_images_is_reported(tmp_path):
+    for c in "AB":
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "readme.txt").write_text("x")
+    with pytest.raises(dl.DatasetError, match="No readable images"):
+        dl.scan_image_folder(tmp_path)
+
+
+def test_offline_download_fails_with_a_clear_message(monkeypatch):
+    # no network here: the real kagglehub call fails; the error must name the fix, not be a urllib traceback
+    monkeypatch.setenv("KAGGLEHUB_CACHE", "/nonexistent-cache-dir")
+    with pytest.raises(dl.DatasetError, match="--xtrain_path") as err:
+        dl.download_dataset()
+    assert "grassknoted/asl-alphabet" in str(err.value)
+
+
+@pytest.mark.parametrize("split_by", ["random", "block"])
+def test_split_is_stratified_disjoint_and_reproducible(tmp_path, split_by):
+    images = dl.scan_image_folder(make_image_folder(tmp_path, classes=("A", "B", "C", "D"), per_class=40, size=8))
+    train, val = dl.split_samples(images.samples, 0.25, seed=3, split_by=split_by)
+    assert set(train).isdisjoint(val) and sorted(train + val) == list(range(len(images.samples)))
+    assert Counter(images.samples[i][1] for i in val) == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert dl.split_samples(images.samples, 0.25, seed=3, split_by=split_by) == (train, val)
+    assert dl.split_samples(images.samples, 0.25, seed=4, split_by=split_by)[1] != val
+
+
+def test_block_split_holds_out_runs_of_consecutive_frames(tmp_path):
+    images = dl.scan_image_folder(make_image_folder(tmp_path, classes=("A", "B"), per_class=100, size=8))
+    assert dl.resolve_split_by(images.samples, "auto") == "block"
+    _, val = dl.split_samples(images.samples, 0.1, seed=0)
+    for label in (0, 1):
+        frames = sorted(dl.frame_number(images.samples[i][0]) for i in val if images.samples[i][1] == label)
+        assert len(frames) == 10
+        # 20 blocks of 5 frames: two whole blocks, each a run of consecutive frame numbers
+        runs = np.split(frames, np.where(np.diff(frames) != 1)[0] + 1)
+        assert all(len(r) % 5 == 0 for r in runs)
+
+
+def test_names_without_frame_numbers_fall_back_to_random(tmp_path):
+    root = make_image_folder(tmp_path, per_class=5, size=8)
+    shutil.move(root / "A" / "A1.jpg", root / "A" / "hand.jpg")
+    images = dl.scan_image_folder(root)
+    assert dl.resolve_split_by(images.samples, "auto") == "random"
+
+
+def test_bad_val_split_is_rejected(synthetic_dir):
+    images = dl.scan_image_folder(synthetic_dir)
+    with pytest.raises(dl.DatasetError, match="--val_split"):
+        dl.split_samples(images.samples, 1.5, seed=0)
+
+
+def test_eval_transform_matches_the_weights_preset(synthetic_dir):
+    path = next((synthetic_dir / "A").iterdir())
+    ours = dl.eval_transform(B0_CFG)(dl.load_rgb(path))
+    preset = EfficientNet_B0_Weights.DEFAULT.transforms()(Image.open(path).convert("RGB"))
+    torch.testing.assert_close(ours, preset)
+
+
+def test_train_transform_augments_and_keeps_the_shape(synthetic_dir):
+    img = dl.load_rgb(next((synthetic_dir / "B").iterdir()))
+    cfg = dict(B0_CFG, resize_size=73, crop_size=64)
+    a, b = dl.train_transform(cfg, augment=True)(img), dl.train_transform(cfg, augment=True)(img)
+    assert a.shape == b.shape == (3, 64, 64) and not torch.equal(a, b)
+    torch.testing.assert_close(dl.train_transform(cfg, augment=False)(img), dl.eval_transform(cfg)(img))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "P"])
+def test_load_rgb_converts_every_mode(tmp_path, mode):
+    arr = np.full((20, 30), 40000 if mode == "I;16" else 120, dtype=np.uint16 if mode == "I;16" else np.uint8)
+    img = Image.fromarray(arr) if mode in ("L", "I;16") else Image.new(mode, (30, 20))
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = dl.load_rgb(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":
+        assert out.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256, not clipped to white
+
+
+def test_load_rgb_applies_exif_rotation(tmp_path):
+    img = Image.new("RGB", (30, 20))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert dl.load_rgb(tmp_path / "r.jpg").size == (20, 30)
+
+
+def test_distributed_loaders_cover_the_data(synthetic_dir):
+    images = dl.scan_image_folder(synthetic_dir)
+    ds = dl.ImageDataset(images.samples[:35], dl.eval_transform(dict(B0_CFG, resize_size=16, crop_size=16)))
+    val_shards = [list(dl.make_loader(ds, 4, train=False, rank=r, world_size=2, num_workers=0).sampler)
+                  for r in range(2)]
+    assert sorted(val_shards[0] + val_shards[1]) == list(range(35))  # no padding, no duplicates
+    train = [dl.make_loader(ds, 4, train=True, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    assert all(isinstance(t.sampler, torch.utils.data.DistributedSampler) for t in train)
+    assert len(set(train[0].sampler) | set(train[1].sampler)) == 35
+
+
+def test_single_process_training_order_depends_only_on_seed_and_epoch(synthetic_dir):
+    images = dl.scan_image_folder(synthetic_dir)
+    orders = []
+    for _ in range(2):
+        loader = dl.make_loader(images.samples, 4, train=True, num_workers=0, seed=1)
+        loader.sampler.set_epoch(3)
+        orders.append(list(loader.sampler))
+    assert orders[0] == orders[1] != list(range(len(images.samples)))
+
+
+@requires_shared
+def test_real_dataset_layout_is_read_and_block_split():
+    images = dl.scan_image_folder(SHARED_ASL / "train")
+    assert len(images.classes) == 29 and len(images.samples) == 8700 and not images.skipped
+    train, val = dl.split_samples(images.samples, 0.1, seed=0)
+    assert len(val) == 29 * 30

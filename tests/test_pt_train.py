@@ -1,0 +1,158 @@
+"""pt_train: the CLI end to end on the real EfficientNet, its error messages, DDP launchers and crash-resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import predict
+import pt_engine
+import pt_train
+from conftest import ROOT, SHARED_ASL, make_image_folder, requires_shared
+
+FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
+
+
+def cli(*args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "pt_train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+def test_training_run_writes_a_complete_model_folder(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--total_epochs", "2",
+                          *FAST]) == 0
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "history.json", "classes.json",
+                                               "transform.json", "config.json", "split.json"}
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert json.loads((out / "classes.json").read_text()) == ["A", "B", "C"]
+    transform = json.loads((out / "transform.json").read_text())
+    assert transform["crop_size"] == 32 and transform["arch"] == "efficientnet_b0"
+    split = json.loads((out / "split.json").read_text())
+    assert split["split_by"] == "block" and split["num_train"] + len(split["val"]) == 36
+    meta = pt_engine.load_checkpoint(out / "last.pt")["metadata"]
+    assert meta["arch"] == "efficientnet_b0" and meta["args"]["total_epochs"] == 2
+    head = predict.load_predictor(out).model.classifier
+    assert isinstance(head[0], torch.nn.Dropout) and head[0].p == 0.2 and head[1].out_features == 3
+
+
+def test_pretrained_lite0_learns_the_synthetic_classes(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--arch",
+                          "efficientnet_lite0", "--weights", "imagenet", "--img_size", "64", "--total_epochs", "3",
+                          "--batch_size", "8", "--num_workers", "0", "--val_split", "0.25"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["val_acc"] >= 0.8  # chance is 1/3
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d, t: ["--xtrain_path", str(t / "nope")], "does not exist"),
+    (lambda d, t: ["--xtrain_path", str(make_image_folder(t / "one", classes=("A",), per_class=2))], "at least 2"),
+    (lambda d, t: ["--xtrain_path", str(d), "--weights", str(t / "missing.pth")], "missing.pth"),
+    (lambda d, t: ["--xtrain_path", str(d), "--total_epochs", "0"], "--total_epochs"),
+])
+def test_bad_input_exits_2_with_one_clear_line(synthetic_dir, tmp_path, capsys, make_args, message):
+    assert pt_train.main([*make_args(synthetic_dir, tmp_path), "--save_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_flag_without_cuda_is_explained(synthetic_dir, tmp_path, capsys):
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--gpu", "--save_dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten_by_accident(synthetic_dir, tmp_path, capsys):
+    (tmp_path / "last.pt").write_bytes(b"precious")
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(tmp_path), *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err and (tmp_path / "last.pt").read_bytes() == b"precious"
+
+
+def test_find_free_port_gives_distinct_usable_ports():
+    ports = {pt_train.find_free_port() for _ in range(5)}
+    assert len(ports) >= 4 and all(1024 < p < 65536 for p in ports)
+
+
+def test_set_seed_makes_runs_repeatable():
+    pt_train.set_seed(7)
+    a = torch.rand(3)
+    pt_train.set_seed(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+@pytest.mark.slow
+def test_world_size_2_on_cpu_trains_with_one_history(synthetic_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = cli("--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--total_epochs", "2",
+                 "--world_size", "2", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert result.stderr.count("epoch 2/2") == 1  # one log, from rank 0
+
+
+@pytest.mark.slow
+def test_torchrun_launch_joins_its_process_group(synthetic_dir, tmp_path):
+    out = tmp_path / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "pt_train.py", "--xtrain_path", str(synthetic_dir), "--save_dir", str(out),
+                             "--total_epochs", "1", *FAST], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_resumes_to_a_complete_history(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=40)
+    out = tmp_path / "run"
+    args = ["--xtrain_path", str(data), "--save_dir", str(out), "--total_epochs", "4", "--batch_size", "4",
+            "--weights", "none", "--img_size", "32", "--num_workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "pt_train.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history_file, deadline = out / "history.json", time.time() + 300
+    while time.time() < deadline and not (history_file.exists() and len(json.loads(history_file.read_text())) >= 2):
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into epoch 3
+    assert proc.poll() is None, "training finished before it could be killed; give it more work"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(json.loads(history_file.read_text()))
+    assert killed_at < 4
+    result = cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"after epoch {killed_at}" in result.stderr
+    history = json.loads(history_file.read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 4
+
+
+@requires_shared
+@pytest.mark.slow
+def test_short_run_on_real_asl_images(tmp_path):
+    # 4 real classes, 60 frames each: a few fine-tuning steps of the offline-pretrained backbone
+    subset = tmp_path / "asl"
+    for name in ("A", "B", "L", "nothing"):
+        (subset / name).mkdir(parents=True)
+        for n in range(5, 1505, 25):
+            src = SHARED_ASL / "train" / name / f"{name}{n}.jpg"
+            if src.exists():
+                (subset / name / src.name).symlink_to(src)
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", str(subset), "--save_dir", str(out), "--arch", "efficientnet_lite0",
+                          "--weights", "imagenet", "--img_size", "96", "--total_epochs", "2", "--batch_size", "16",
+                          "--num_workers", "0", "--val_split", "0.2"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["val_acc"] > 0.5  # chance is 0.25
