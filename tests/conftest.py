@@ -41,3 +41,16 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 requires_shared = pytest.mark.skipif(not SHARED_ASL.is_dir(), reason="real ASL images (../shared/asl) not present")
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_dir, tmp_path_factory) -> Path:
+    """A tiny trained model folder (offline-pretrained Lite0, 64 px, 2 epochs): what pt_train.py writes."""
+    import pt_train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code = pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--arch", "efficientnet_lite0",
+                          "--weights", "imagenet", "--img_size", "64", "--total_epochs", "2", "--batch_size", "8",
+                          "--num_workers", "0", "--val_split", "0.25", "--seed", "0"])
+    assert code == 0
+    return out
