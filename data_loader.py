@@ -109,6 +109,38 @@ def scan_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageLis
     return ImageList(samples, classes, skipped)
 
 
+def label_from_filename(path: str | os.PathLike) -> str | None:
+    """The label in a flat test file's name: everything before the last underscore (`A_test.jpg` -> `A`,
+    `nothing_test.jpg` -> `nothing`), or None when the name has no underscore."""
+    label, sep, _ = Path(path).stem.rpartition("_")
+    return label if sep and label else None
+
+
+def scan_flat_folder(root: str | os.PathLike) -> ImageList:
+    """List the readable images of a flat folder labelled by file name (the Kaggle test layout, `A_test.jpg`).
+
+    Files that are not readable images, or whose name carries no label, are skipped and counted.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"Test folder '{root}' does not exist.")
+    labelled, skipped = [], []
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        label = label_from_filename(path)
+        if label and is_image_file(path):
+            labelled.append((str(path), label))
+        else:
+            skipped.append(str(path))
+    if not labelled:
+        raise DatasetError(f"No labelled images in '{root}': use one sub-folder per class (A/, B/, ...) or flat "
+                           f"files named <CLASS>_<anything> (A_test.jpg, ...) with an image extension.")
+    classes = sorted({label for _, label in labelled})
+    index = {name: i for i, name in enumerate(classes)}
+    if skipped:
+        log.warning("Skipped %d unreadable or unlabelled file(s) in %s, e.g. %s", len(skipped), root, skipped[0])
+    return ImageList([(path, index[label]) for path, label in labelled], classes, skipped)
+
+
 def frame_number(path: str) -> int | None:
     """The frame number at the end of a file name (`A123.jpg` -> 123), or None."""
     match = _FRAME_NUMBER.search(Path(path).stem)
@@ -163,16 +195,23 @@ def _interpolation(cfg: dict) -> InterpolationMode:
     return InterpolationMode(cfg.get("interpolation", "bilinear"))
 
 
+def eval_geometry(cfg: dict) -> T.Compose:
+    """The eval preset's resize and centre crop, on the PIL image as the preset does (so tensors match it exactly).
+
+    Its output is uint8 pixels, which is why image_cache.py can store it once and skip it in later epochs.
+    """
+    return T.Compose([T.Resize(cfg["resize_size"], interpolation=_interpolation(cfg), antialias=True),
+                      T.CenterCrop(cfg["crop_size"])])
+
+
+def to_model_input(cfg: dict) -> T.Compose:
+    """An RGB image (PIL, or a uint8 array or tensor) as the float32, normalised CHW tensor the model takes."""
+    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])])
+
+
 def eval_transform(cfg: dict) -> T.Compose:
     """Resize, centre crop and normalise, exactly as the pretrained weights' own preset does."""
-    # geometry on the PIL image, as the preset does, so the tensors match it exactly
-    return T.Compose([
-        T.Resize(cfg["resize_size"], interpolation=_interpolation(cfg), antialias=True),
-        T.CenterCrop(cfg["crop_size"]),
-        T.ToImage(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(cfg["mean"], cfg["std"]),
-    ])
+    return T.Compose([eval_geometry(cfg), to_model_input(cfg)])
 
 
 def train_transform(cfg: dict, augment: bool) -> T.Compose:
@@ -196,12 +235,17 @@ def train_transform(cfg: dict, augment: bool) -> T.Compose:
     ])
 
 
-def save_json(obj, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temp file then rename), so a crash never leaves a half-written file."""
+def save_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write a file atomically (temp file then rename), so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    """Write JSON atomically (see `save_bytes`)."""
+    save_bytes(json.dumps(obj, indent=2).encode(), path)
 
 
 def load_json(path: str | os.PathLike):

@@ -2,12 +2,13 @@
 `--world_size N` (N processes on this machine via mp.spawn), or `torchrun ... pt_train.py` (many machines).
 
 Writes into --save_dir: last.pt and best.pt (model, optimizer, scheduler, epoch, metadata), history.json,
-classes.json, transform.json, config.json and split.json. Exit code 2 means a problem with the input,
-explained in one line.
+classes.json, transform.json, config.json and split.json. With --mlflow, rank 0 also logs the run to MLflow as
+it goes (see log_experiment.py). Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -21,7 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import calibration
 import data_loader
+import image_cache
+import log_experiment
 import model as models
 import pt_engine
 
@@ -45,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="random crops, rotation, colour jitter, blur and erasing (never flips)")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    data.add_argument("--cache", choices=("auto", "disk", "none"), default="auto",
+                      help="disk: decode every image once into a memory-mapped uint8 cache that later epochs and "
+                           "runs reuse (see image_cache.py); auto: disk with --gpu, where decoding limits speed, "
+                           "none on the CPU, where the network does")
+    data.add_argument("--cache_dir", default=str(image_cache.default_cache_dir()),
+                      help="where --cache disk keeps its files (a tmpfs such as /dev/shm keeps them in memory)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=models.ARCHS, default="efficientnet_b0")
     model.add_argument("--weights", default="imagenet", help="imagenet, none, or PATH to a state-dict file")
@@ -58,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--scheduler", choices=("none", "step", "cosine", "plateau"), default="cosine")
     optim.add_argument("--patience", type=int, default=3, help="epochs without val-loss improvement before stopping")
     optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                       help="fit a softmax temperature on the validation set after training (stored in best.pt)")
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default="runs/latest")
     run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")
@@ -66,9 +78,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--world_size", type=int, default=1, help="processes to spawn on this machine (DDP)")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                      help="mixed precision (default: on with --gpu)")
+    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                     help="NHWC model and batches, faster for these convolutions on CPU and GPU (see bench.py)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step: minutes of compiling first; measured no faster on a "
+                          "2-core CPU, meant for long GPU runs")
+    run.add_argument("--num_threads", type=int, default=None,
+                     help="CPU threads per process (default: torch's, one per core; with --world_size on the CPU "
+                          "each process gets its share of the cores)")
+    track = p.add_argument_group("experiment tracking (MLflow; see log_experiment.py)")
+    track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
+    log_experiment.add_tracking_args(track)
     args = p.parse_args(argv)
+    # naming a store or a registry entry means: track this run
+    args.mlflow = args.mlflow or bool(args.tracking_uri or args.dagshub or args.register)
     if args.amp is None:
         args.amp = args.gpu
+    if args.cache == "auto":
+        args.cache = "disk" if args.gpu else "none"
     return args
 
 
@@ -98,6 +125,8 @@ def _check_environment(args: argparse.Namespace) -> None:
     if (save_dir / "last.pt").exists() and not (args.resume or args.overwrite):
         raise UsageError(f"{save_dir} already holds a training run. Pass --resume to continue it, --overwrite to "
                          "start afresh, or another --save_dir.")
+    if args.mlflow:
+        log_experiment.check_settings(args.tracking_uri, args.dagshub)
 
 
 def _prepare(args: argparse.Namespace) -> dict:
@@ -106,7 +135,28 @@ def _prepare(args: argparse.Namespace) -> dict:
     root = data_loader.resolve_train_dir(args.xtrain_path) if args.xtrain_path else data_loader.download_dataset()
     images = data_loader.scan_image_folder(root)
     models.build_model(args.arch, len(images.classes), args.weights)  # fails early; caches downloads
+    if args.cache == "disk":
+        _splits(args, images)  # decode once here, before any worker starts; every rank then opens the same files
     return {"root": str(root), "images": images}
+
+
+def _splits(args: argparse.Namespace, images: data_loader.ImageList) -> data_loader.Splits:
+    """The train/validation split, read from the decoded-image cache with --cache disk."""
+    transform = models.preprocessing(args.arch, args.weights, args.img_size)
+    splits = data_loader.build_splits(images, transform, val_split=args.val_split, seed=args.seed,
+                                      split_by=args.split_by, augment=args.augment)
+    if args.cache == "disk":
+        splits = image_cache.cached_splits(splits, transform, augment=args.augment, cache_dir=args.cache_dir,
+                                           num_workers=args.num_workers)
+    return splits
+
+
+def _num_threads(args: argparse.Namespace, world_size: int) -> int | None:
+    """--num_threads, else for CPU processes spawned here an equal share of the cores: N processes with a thread
+    per core each oversubscribe the CPU. None keeps torch's default (torchrun sets OMP_NUM_THREADS itself)."""
+    if args.num_threads or args.gpu or world_size == 1 or launched_by_torchrun():
+        return args.num_threads
+    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 def _metadata(args: argparse.Namespace, root: str, classes: list[str], transform: dict, split_by: str) -> dict:
@@ -143,10 +193,11 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     gpu_id = local_rank if args.gpu else None
     if gpu_id is not None:
         torch.cuda.set_device(gpu_id)
+    if threads := _num_threads(args, world_size):
+        torch.set_num_threads(threads)
     images: data_loader.ImageList = prepared["images"]
     transform = models.preprocessing(args.arch, args.weights, args.img_size)
-    splits = data_loader.build_splits(images, transform, val_split=args.val_split, seed=args.seed,
-                                      split_by=args.split_by, augment=args.augment)
+    splits = _splits(args, images)
     meta = _metadata(args, prepared["root"], images.classes, transform, splits.split_by)
     save_dir = Path(args.save_dir)
     if rank == 0:
@@ -164,15 +215,37 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
         models.set_backbone_trainable(net, False)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # one MLflow run per training, rank 0's; made here in the worker, as mp.spawn passes only picklable args
+    tracker = (log_experiment.TrainingTracker(args, prepared["root"], len(images.samples), len(images.classes))
+               if args.mlflow and rank == 0 else None)
+    callbacks = [*(callbacks or []), *([tracker.log_epoch] if tracker else [])]
     trainer = pt_engine.CustomTrainer(
         net, train_loader, val_loader, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
         gpu_id, save_dir, args.patience, args.total_epochs, world_size, _scheduler(args, optimizer),
-        num_classes=len(images.classes), metadata=meta, amp=args.amp, callbacks=callbacks)
+        num_classes=len(images.classes), metadata=meta, amp=args.amp, callbacks=callbacks,
+        channels_last=args.channels_last, compile_model=args.compile)
     if args.resume and (save_dir / "last.pt").exists():
         trainer.resume(save_dir / "last.pt")
     elif args.resume and rank == 0:
         log.info("No checkpoint in %s yet: starting from epoch 1", save_dir)
-    return trainer.train()
+    with tracker or contextlib.nullcontext():  # leaving it logs the results and the (calibrated) best model
+        history = trainer.train()
+        if rank == 0 and args.calibrate and (save_dir / "best.pt").exists():
+            _calibrate_best(save_dir, trainer.raw_model, splits.val, args)
+    return history
+
+
+def _calibrate_best(save_dir: Path, net: nn.Module, val_set, args: argparse.Namespace) -> None:
+    """Fit a softmax temperature for the best weights on the whole validation set and store it with them."""
+    ckpt = pt_engine.load_checkpoint(save_dir / "best.pt")
+    net.load_state_dict(ckpt["model"])
+    loader = data_loader.make_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers)
+    result = calibration.calibrate(net, loader, next(net.parameters()).device)
+    ckpt["metadata"]["temperature"] = result["temperature"]
+    pt_engine.atomic_torch_save(ckpt, save_dir / "best.pt")
+    data_loader.save_json(result, save_dir / "calibration.json")
+    log.info("Calibration on %d validation images: temperature %.3f, ECE %.4f -> %.4f", result["n_images"],
+             result["temperature"], result["ece_before"], result["ece_after"])
 
 
 def _configure_logging(rank: int) -> None:
@@ -213,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             mp.spawn(run_ddp_worker, args=(args.world_size, args, prepared), nprocs=args.world_size, join=True)
         else:
             train_worker(0, 1, args, prepared)
-    except (UsageError, data_loader.DatasetError, models.WeightsError) as err:
+    except (UsageError, data_loader.DatasetError, models.WeightsError, log_experiment.TrackingError) as err:
         log.error("%s", err)
         return EXIT_USAGE
     except KeyboardInterrupt:

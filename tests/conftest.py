@@ -1,12 +1,16 @@
 """Shared fixtures: tiny synthetic image folders the suite makes itself, and the real images when present."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# before anything imports mlflow: it decides at import time whether to send usage telemetry
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -1,0 +1,378 @@
+"""Measure the original pipeline and ours side by side, in one run: `python bench.py [--data DIR]`.
+
+Baseline, the original pipeline: PIL decodes every JPEG every epoch, bicubic resize to 256, centre crop 224,
+float32 NCHW batches from a DataLoader with its defaults (no workers), eager PyTorch for training and for the
+app's single-image predictions.
+Ours: the decoded-image cache (image_cache.py, decode once), DataLoader workers that persist across epochs,
+channels-last training (mixed precision too on a GPU), and ONNX Runtime for inference (predict.py).
+
+Figures: input-pipeline throughput (files to ready training batches, from the second epoch on, and the first
+epoch with the cache build), training throughput (forward, backward, step through pt_engine at the training
+resolution), single-image latency (p50, p95) and batched throughput of the predictor on the CPU, and peak
+memory of each variant. Baseline and ours alternate within every repetition, so that load from other processes
+hits both alike; each figure is the median of the timed repetitions after a warm-up. Peak memory is measured
+in a fresh process per variant (the PSS of the process and its workers, so shared pages count once; the
+peak allocated GPU memory on a GPU). Without --data, JPEGs of the Kaggle frames' size are generated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+import data_loader
+import image_cache
+import model as models
+import predict
+import pt_engine
+
+Run = Callable[[], int]  # one timed repetition; returns how many images it handled
+Variants = dict[str, Callable[[], Run]]  # name -> builds that variant (models, loaders, caches) and its Run
+BASELINE, OURS = "baseline", "ours"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="folder of class sub-folders (default: generated 200x200 JPEGs)")
+    p.add_argument("--images", type=int, default=512, help="images per input-pipeline epoch")
+    p.add_argument("--arch", choices=models.ARCHS, default="efficientnet_b0")
+    p.add_argument("--model", help="a trained run folder or checkpoint for the inference figures (default: "
+                                   "random weights of --arch, BatchNorm statistics from the images)")
+    p.add_argument("--img_size", type=int, default=None, help="training resolution (default: the weights' own)")
+    p.add_argument("--batch_size", type=int, default=32, help="input-pipeline and batched-inference batch")
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="ours: loader workers")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions of each figure (epochs, steps, batches)")
+    p.add_argument("--latency_reps", type=int, default=30, help="timed single-image predictions")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where training runs (inference is measured on the CPU, as the app runs it)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.img_size, args.batch_size, args.train_batch_size = 48, 64, 8, 4
+        args.reps, args.latency_reps, args.arch = 2, 4, "efficientnet_lite0"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median_rate(times: list[float], counts: list[int]) -> float:
+    return statistics.median(n / t for n, t in zip(counts, times, strict=True))
+
+
+def interleaved(variants: dict[str, Run], reps: int, warmup: int = 1) -> dict[str, tuple[list[float], list[int]]]:
+    """Run each variant `warmup` times, then `reps` timed times, alternating which goes first."""
+    for _ in range(warmup):
+        for run in variants.values():
+            run()
+    results: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in variants}
+    for rep in range(reps):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            start = time.perf_counter()
+            count = variants[name]()
+            results[name][0].append(time.perf_counter() - start)
+            results[name][1].append(count)
+    return results
+
+
+class PeakMemory:
+    """Peak summed PSS (MB) of this process and its children, sampled in a thread while the block runs."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_full_info().pss
+                except psutil.Error:  # a worker that just exited
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------- the variants
+
+def pipeline_variants(samples: list, cfg: dict, args: argparse.Namespace, cache_dir: Path) -> Variants:
+    """One epoch from files to ready batches: the original loader, ours without and with augmentation."""
+    def epoch(loader: DataLoader) -> Run:
+        return lambda: sum(len(targets) for _, targets in loader)
+
+    def baseline() -> Run:
+        dataset = data_loader.ImageDataset(samples, data_loader.eval_transform(cfg))
+        return epoch(DataLoader(dataset, args.batch_size, shuffle=True))
+
+    def ours(augment: bool) -> Run:
+        dataset = image_cache.cached_dataset(samples, cfg, augment=augment, cache_dir=cache_dir,
+                                             num_workers=args.num_workers)
+        return epoch(data_loader.make_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                                             pin_memory=args.device == "cuda"))
+
+    return {BASELINE: baseline, OURS: lambda: ours(False), "ours_augmented": lambda: ours(True)}
+
+
+def training_variants(batch: tuple[torch.Tensor, torch.Tensor], cfg: dict, args: argparse.Namespace,
+                      num_classes: int, save_dir: Path) -> Variants:
+    """One optimisation step through pt_engine: eager float32 NCHW, and ours (channels last; AMP on a GPU)."""
+    def step(**options) -> Run:
+        torch.manual_seed(0)
+        net = models.build_model(args.arch, num_classes, weights="none")
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        trainer = pt_engine.CustomTrainer(net, [], [], nn.CrossEntropyLoss(), optimizer, gpu, save_dir, 1, 1,
+                                          num_classes=num_classes, **options)
+        trainer.model.train()
+        # run_batch ends with loss.item(), which waits for the GPU: the timing covers the whole step
+        return lambda: (trainer.run_batch(*batch), len(batch[1]))[1]
+
+    gpu = 0 if args.device == "cuda" else None
+    return {BASELINE: step, OURS: lambda: step(channels_last=True, amp=gpu is not None)}
+
+
+def save_checkpoint(path: Path, arch: str, classes: list[str], cfg: dict, images: torch.Tensor) -> None:
+    """A checkpoint as pt_train.py writes it: random weights, but BatchNorm statistics of real images.
+
+    With the initial statistics (mean 0, variance 1) B0's activations shrink layer by layer to denormal floats in
+    eval mode: every image gets the same output, and denormal arithmetic is slow. Neither is what serves.
+    """
+    torch.manual_seed(0)
+    net = models.build_model(arch, len(classes), weights="none").train()
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # running statistics = the plain average over what it sees
+    with torch.no_grad():
+        net(images)
+    meta = {"arch": arch, "num_classes": len(classes), "classes": classes, "transform": cfg}
+    pt_engine.atomic_torch_save({"model": net.state_dict(), "metadata": meta}, path)
+
+
+def load_predictor(checkpoint: Path, variant: str) -> predict.Predictor:
+    """Eager PyTorch for the baseline, ONNX Runtime for ours (exported beside the checkpoint on first use)."""
+    return predict.load_predictor(checkpoint, backend="torch" if variant == BASELINE else "onnx")
+
+
+def latency_run(found: predict.Predictor, image: Image.Image) -> Run:
+    """What the app does for one uploaded image: preprocess and predict."""
+    return lambda: len(found.predict([image]))
+
+
+# ---------------------------------------------------------------------------------------------- memory probes
+
+def _probe(phase: str, variant: str, setup: dict, queue) -> None:
+    """In a fresh process: build one phase's variants, run `variant` once, report its peak memory."""
+    # a spawned process makes spawn its default; loader workers must start as in training (fork on Linux)
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    if setup["threads"]:
+        torch.set_num_threads(setup["threads"])
+    args = setup["args"]
+    if phase == "pipeline":
+        run = pipeline_variants(setup["samples"], setup["cfg"], args, setup["cache_dir"])[variant]()
+    elif phase == "training":
+        run = training_variants(setup["batch"], setup["cfg"], args, setup["num_classes"], setup["tmp"])[variant]()
+    else:
+        run = latency_run(load_predictor(setup["checkpoint"], variant), setup["image"])
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory() as peak:  # one run allocates all there is: loader workers, gradients, optimizer state
+        run()
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    queue.put((peak.peak_mb, gpu_mb))
+
+
+def peak_memory(phase: str, setup: dict) -> dict[str, dict[str, float | None]]:
+    """Peak memory of each variant of `phase`, one fresh process each (spawned: nothing of ours inherited)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for variant in (BASELINE, OURS):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_probe, args=(phase, variant, setup, queue))
+        proc.start()
+        rss, gpu = queue.get()
+        proc.join()
+        out[variant] = {"rss_mb": rss, "gpu_mb": gpu}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def generate_images(root: Path, n: int, classes: int = 29, size: int = 200, seed: int = 0) -> Path:
+    """`n` JPEGs of the Kaggle frames' size and kind: a smooth scene with a few shapes and sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        folder = root / f"C{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = np.stack([rng.uniform(40, 200) + rng.uniform(-60, 60) * (xx * a + yy * (1 - a))
+                        for a in rng.uniform(0, 1, 3)], axis=-1)
+        for _ in range(4):
+            y, x, h, w = rng.integers(0, size - 20, 4)
+            img[y:y + h, x:x + w] = rng.uniform(0, 255, 3)
+        img += rng.normal(0, 6, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"C{i % classes:02d}{i}.jpg", quality=90)
+    return root
+
+
+def pick(samples: list, n: int) -> list:
+    """`n` samples spread evenly over the (class-sorted) list, so every class is represented."""
+    step = max(1, len(samples) // n)
+    return samples[::step][:n]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def figure(unit: str, baseline: float, ours: float, better: str) -> dict:
+    return {"unit": unit, "baseline": baseline, "ours": ours, "ratio": ours / baseline, "better": better}
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict:
+    root = Path(args.data) if args.data else generate_images(tmp / "images", args.images)
+    images = data_loader.scan_image_folder(root)
+    samples = pick(images.samples, args.images)
+    cfg = models.preprocessing(args.arch, "none", args.img_size)
+    cache_dir = tmp / "cache"
+    figures: dict[str, dict] = {}
+
+    progress(f"input pipeline: {len(samples)} images from {root}")
+    # input pipeline: our first epoch includes the cache build; the baseline's first warms the OS file cache
+    factories = pipeline_variants(samples, cfg, args, cache_dir)
+    pipe = {BASELINE: factories[BASELINE]()}
+    pipe[BASELINE]()
+    start = time.perf_counter()
+    pipe[OURS] = factories[OURS]()
+    first = pipe[OURS]()
+    first_s = time.perf_counter() - start
+    pipe["ours_augmented"] = factories["ours_augmented"]()
+    res = interleaved(pipe, args.reps, warmup=0)
+    base = median_rate(*res[BASELINE])
+    figures["pipeline_images_per_s"] = figure("images/s, epoch 2+", base, median_rate(*res[OURS]), "higher")
+    figures["pipeline_first_epoch_images_per_s"] = figure("images/s, epoch 1 incl. decode", base, first / first_s,
+                                                          "higher")
+    figures["pipeline_augmented_images_per_s"] = figure("images/s, ours with augmentation", base,
+                                                        median_rate(*res["ours_augmented"]), "higher")
+    del pipe  # ends our loader workers
+
+    progress(f"training {args.arch} at {cfg['crop_size']} px, batch {args.train_batch_size}")
+    # training: one fixed batch of real images, so only forward, backward and step are timed
+    batch = next(iter(DataLoader(data_loader.ImageDataset(samples, data_loader.eval_transform(cfg)),
+                                 args.train_batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    runs = {name: build() for name, build in training_variants(batch, cfg, args, len(images.classes), tmp).items()}
+    res = interleaved(runs, args.reps)
+    del runs
+    figures["train_images_per_s"] = figure("images/s", median_rate(*res[BASELINE]), median_rate(*res[OURS]),
+                                           "higher")
+
+    progress("inference on the CPU (exporting the ONNX model first)")
+    # inference on the CPU, as the app does it; ours exports the ONNX model once (timed on its own)
+    checkpoint = tmp / "model.pt"
+    if args.model:  # a copy: ours exports the ONNX model beside the checkpoint
+        shutil.copy(predict.checkpoint_path(args.model), checkpoint)
+    else:
+        save_checkpoint(checkpoint, args.arch, images.classes, cfg, batch[0])
+    found = {BASELINE: load_predictor(checkpoint, BASELINE)}
+    start = time.perf_counter()
+    found[OURS] = load_predictor(checkpoint, OURS)
+    export_s = time.perf_counter() - start
+    image = data_loader.load_rgb(samples[0][0])
+    res = interleaved({v: latency_run(p, image) for v, p in found.items()}, args.latency_reps, warmup=2)
+    for q, name in ((50, "p50"), (95, "p95")):
+        base, ours = (float(np.percentile(res[v][0], q)) * 1e3 for v in (BASELINE, OURS))
+        figures[f"latency_{name}_ms"] = figure("ms, one image", base, ours, "lower")
+    # both variants share the preprocessing code: timed once, to show its share of the latency
+    pre = interleaved({"preprocess": lambda: len(found[OURS].preprocess(image))}, args.latency_reps)
+    preprocess_ms = statistics.median(pre["preprocess"][0]) * 1e3
+    inputs = torch.stack([found[OURS].preprocess(data_loader.load_rgb(p)) for p, _ in samples[:args.batch_size]])
+    res = interleaved({v: (lambda p=p: len(p.predict_batch(inputs))) for v, p in found.items()}, args.reps)
+    figures["batch_inference_images_per_s"] = figure(f"images/s, batch {len(inputs)}", median_rate(*res[BASELINE]),
+                                                     median_rate(*res[OURS]), "higher")
+    probs = {v: p.predict_batch(inputs) for v, p in found.items()}
+
+    setup = {"args": args, "threads": args.threads, "samples": samples, "cfg": cfg, "cache_dir": cache_dir,
+             "batch": batch, "num_classes": len(images.classes), "tmp": tmp, "checkpoint": checkpoint,
+             "image": image}
+    progress("peak memory, one fresh process per variant")
+    memory = {phase: peak_memory(phase, setup) for phase in ("pipeline", "training", "inference")}
+    for phase, found_mb in memory.items():
+        figures[f"peak_memory_{phase}_mb"] = figure("MB (PSS incl. workers)", found_mb[BASELINE]["rss_mb"],
+                                                    found_mb[OURS]["rss_mb"], "lower")
+        if args.device == "cuda" and phase != "inference":
+            figures[f"peak_gpu_memory_{phase}_mb"] = figure("MB allocated", found_mb[BASELINE]["gpu_mb"],
+                                                            found_mb[OURS]["gpu_mb"], "lower")
+    return {
+        "settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "data": str(root),
+                     "num_classes": len(images.classes), "crop_size": cfg["crop_size"],
+                     "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        "figures": figures,
+        "onnx_export_s": export_s,
+        "preprocess_ms": preprocess_ms,
+        "first_epoch_s": first_s,
+        "predictions_agree": {"max_abs_prob_diff": float((probs[BASELINE] - probs[OURS]).abs().max()),
+                              "same_argmax": bool(torch.equal(probs[BASELINE].argmax(1), probs[OURS].argmax(1)))},
+    }
+
+
+def table(results: dict) -> str:
+    lines = [f"{'figure':36s} {'unit':34s} {'baseline':>10s} {'ours':>10s} {'ours/base':>10s}"]
+    for name, f in results["figures"].items():
+        lines.append(f"{name:36s} {f['unit']:34s} {f['baseline']:10.1f} {f['ours']:10.1f} {f['ratio']:9.2f}x"
+                     f"  ({f['better']} is better)")
+    agree = results["predictions_agree"]
+    lines += [f"preprocessing of one image (PIL resize, crop, normalise; shared): {results['preprocess_ms']:.1f} ms",
+              f"ONNX export (once per checkpoint): {results['onnx_export_s']:.1f} s",
+              f"our first epoch, cache build included: {results['first_epoch_s']:.1f} s",
+              f"predictions agree: max |dp| {agree['max_abs_prob_diff']:.2e}, same argmax {agree['same_argmax']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
+        results = measure(args, Path(tmp))
+    print(table(results))
+    print(json.dumps(results, indent=2))
+    if args.json:
+        data_loader.save_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

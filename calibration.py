@@ -1,0 +1,56 @@
+"""Probability calibration: measure expected calibration error and fit a temperature on held-out logits.
+
+The app's "unsure" threshold only means something if a predicted 0.9 is right about 90% of the time.
+Temperature scaling (Guo et al., 2017) divides the logits by one scalar fitted on the validation set: it
+changes confidence, never the predicted class. The fitted value is stored with the model.
+"""
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                               n_bins: int = 15) -> float:
+    """ECE (L1, equal-width confidence bins) of softmax(logits / temperature)."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    return float(multiclass_calibration_error(probs, targets, num_classes=logits.shape[1], n_bins=n_bins))
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature that minimises the negative log-likelihood of `targets` (optimised in log space so it
+    stays positive)."""
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+@torch.no_grad()
+def collect_logits(model: torch.nn.Module, loader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a whole loader (eval mode)."""
+    model.eval().to(device)
+    logits, targets = [], []
+    for images, labels in loader:
+        logits.append(model(images.to(device)).float().cpu())
+        targets.append(labels)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def calibrate(model: torch.nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+    """Fit a temperature on `loader` and report ECE before and after."""
+    logits, targets = collect_logits(model, loader, device)
+    temperature = fit_temperature(logits, targets)
+    nll = torch.nn.functional.cross_entropy
+    return {"temperature": temperature, "n_images": len(targets),
+            "nll_before": float(nll(logits, targets)), "nll_after": float(nll(logits / temperature, targets)),
+            "ece_before": expected_calibration_error(logits, targets),
+            "ece_after": expected_calibration_error(logits, targets, temperature)}

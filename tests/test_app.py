@@ -1,0 +1,396 @@
+"""app.py: its helpers on exact pixels, and the real page under `streamlit.testing` with a tiny trained model.
+
+The page tests drive the script the way a user does (upload, camera, example, slider, toggle) and read what it
+shows; every bad input must end in its message and never in an exception on the page.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+from torch import nn
+
+import app
+import model as models
+import predict
+from conftest import ROOT, make_image_folder
+
+APP = str(ROOT / "app.py")
+PREDICTION = re.compile(r"Prediction: \*\*(.+)\*\*, probability \*\*([\d.]+)%\*\*")
+
+
+# ---------------------------------------------------------------------------------------------- test images
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Blocky random colours: survives JPEG well enough to compare pixels, and every rotation differs."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return blocks.repeat(4, axis=0).repeat(4, axis=1)[:height, :width]
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg() -> tuple[bytes, np.ndarray]:
+    """A 60x30 JPEG tagged 'rotate 90 degrees clockwise to view' (EXIF orientation 6), and its upright pixels.
+
+    The upright pixels come from rotating the decoded raw pixels with numpy, independently of PIL's EXIF code.
+    """
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(noise(60, 30)), "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as raw:
+        upright = np.rot90(np.asarray(raw.convert("RGB")), k=-1)
+    return data, upright
+
+
+def sixteen_bit_png(gray: np.ndarray) -> bytes:
+    return encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+
+
+@functools.cache
+def bomb_png() -> bytes:
+    """A 12000x12000 PNG of 17 KB: 144 megapixels once decoded."""
+    return encode(Image.new("1", (12000, 12000)), "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(Image.fromarray(noise(120, 120)), "JPEG", quality=95)
+    return data[: len(data) // 2]
+
+
+def rgba_png() -> tuple[bytes, np.ndarray]:
+    """A half-transparent RGBA PNG and what it looks like on a white page."""
+    rgb = noise(40, 40)
+    alpha = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (40, 1))
+    on_white = rgb * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255)
+    return encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), on_white
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def test_decoding_applies_exif_rotation():
+    data, upright = exif_rotated_jpeg()
+    image = app.decode_image(data, "phone.jpg")
+    assert image.size == (30, 60) and np.array_equal(np.asarray(image), upright)
+
+
+def test_decoding_grayscale_rgba_cmyk_and_16_bit():
+    gray = noise(40, 40)[..., 0]
+    assert np.array_equal(np.asarray(app.decode_image(encode(Image.fromarray(gray), "PNG"), "g.png")),
+                          np.dstack([gray] * 3))
+    decoded = np.asarray(app.decode_image(sixteen_bit_png(gray), "deep.png")).astype(int)
+    assert np.abs(decoded - np.dstack([gray] * 3)).max() <= 1  # not clipped to white
+    data, on_white = rgba_png()
+    assert np.abs(np.asarray(app.decode_image(data, "a.png")).astype(int) - on_white).max() <= 1
+    rgb = noise(64, 64)
+    cmyk = encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+    assert np.abs(np.asarray(app.decode_image(cmyk, "print.jpg")).astype(int) - rgb).mean() < 10
+
+
+def test_large_images_are_downscaled_keeping_their_shape():
+    data = encode(Image.fromarray(noise(4000, 3000)), "JPEG", quality=70)
+    image = app.decode_image(data, "camera.jpg")
+    assert image.size == (app.MAX_SIDE, app.MAX_SIDE * 3 // 4) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "is empty"),
+    (b"%PDF-1.7 this is a document, not a picture", "not an image"),
+    (truncated_jpeg(), "truncated or damaged"),
+    (b"\0" * (app.MAX_UPLOAD_MB * 2**20 + 1), f"the limit is {app.MAX_UPLOAD_MB} MB"),
+])
+def test_unusable_bytes_are_refused_with_the_reason(data, message):
+    with pytest.raises(app.InputError, match=message):
+        app.decode_image(data, "upload.jpg")
+
+
+@pytest.mark.parametrize("make", [lambda: encode(Image.new("1", (8000, 7000)), "PNG"), bomb_png],
+                         ids=["over the app limit", "over PIL's limit"])
+def test_huge_images_are_refused_before_decoding(make):
+    with pytest.raises(app.InputError, match=r"too large .*Downscale it"):
+        app.decode_image(make(), "huge.png")
+
+
+# ---------------------------------------------------------------------------------------------- other helpers
+
+def tiny_predictor(net: nn.Module, classes: list[str], size: int, mean=0.0, std=1.0) -> predict.Predictor:
+    cfg = {"resize_size": size, "crop_size": size, "mean": [mean] * 3, "std": [std] * 3}
+    return predict.Predictor(net, classes, cfg)
+
+
+def test_model_view_undoes_normalisation_and_shows_the_crop():
+    predictor = tiny_predictor(nn.Identity(), ["x"], 32, mean=0.5, std=0.25)
+    pixels = noise(64, 32)  # resize keeps 64x32 (short side 32); the centre crop takes the middle 32 columns
+    assert np.array_equal(app.model_view(predictor, Image.fromarray(pixels)), pixels[:, 16:48])
+
+
+def test_decision_is_unsure_below_the_threshold():
+    top = [("A", 0.6), ("B", 0.3)]
+    assert app.decide(top, 0.5) == app.Verdict("A", 0.6, True)
+    assert app.decide(top, 0.6).sure and not app.decide(top, 0.61).sure
+
+
+def test_config_command_line_beats_environment_beats_default():
+    env = {"ASL_MODEL_DIR": "from_env", "ASL_EXAMPLES_DIR": "ex"}
+    assert app.parse_config([], {}) == app.AppConfig("runs/latest", None, "cpu")
+    assert app.parse_config(["-q", "--other", "1"], env) == app.AppConfig("from_env", "ex", "cpu")
+    assert app.parse_config(["--model_dir", "models:/asl/3"], env).model == "models:/asl/3"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_a_missing_gpu_is_explained():
+    with pytest.raises(app.ConfigError, match="no CUDA GPU"):
+        app.parse_config(["--device", "cuda"], {})
+
+
+def test_model_info_reports_the_loaded_weights():
+    predictor = tiny_predictor(nn.Identity(), ["A", "B"], 64)
+    predictor.metadata = {"arch": "efficientnet_lite0", "temperature": 1.5}
+    predictor.history = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.875}]
+    assert app.model_info(predictor) == {"Architecture": "efficientnet_lite0", "Classes": "2",
+                                         "Image size": "64 px (resized to 64, centre crop)",
+                                         "Validation accuracy": "87.5% (epoch 2)", "Calibration": "temperature 1.50"}
+
+
+def test_grad_cam_finds_the_region_that_raised_the_score():
+    # one feature channel = pixel brightness; class 0 rises with it, class 1 falls
+    conv = nn.Conv2d(3, 1, 1)
+    linear = nn.Linear(1, 2)
+    with torch.no_grad():
+        conv.weight.fill_(1 / 3), conv.bias.zero_(), linear.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    net = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:8, :8] = 255
+    predictor = tiny_predictor(net, ["bright", "dark"], 32)
+    heat = app.grad_cam(predictor, Image.fromarray(pixels), 0)
+    assert heat.shape == (32, 32) and heat[:8, :8].min() == pytest.approx(1) and heat[8:, 8:].max() == 0
+    assert app.grad_cam(predictor, Image.fromarray(pixels), 1).max() == 0  # nothing raised class 1
+    assert all(not m._forward_hooks for m in net.modules())  # the hooks are gone
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_grad_cam_works_on_both_architectures(arch):
+    torch.manual_seed(0)  # random weights: some classes' maps are all zero, the top class's is not
+    predictor = tiny_predictor(models.build_model(arch, 3, weights="none"), ["A", "B", "C"], 64)
+    image = Image.fromarray(noise(64, 64))
+    top_class = predictor.classes.index(predictor.top_k(image, 1)[0][0])
+    heat = app.grad_cam(predictor, image, top_class)
+    assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1)
+    assert app.overlay(np.zeros((64, 64, 3), np.uint8), heat).dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+@pytest.fixture
+def page(monkeypatch, trained_run):
+    """Start the page against the tiny trained model; returns a function that starts it with given settings."""
+    def start(model_dir=trained_run, examples_dir=None) -> AppTest:
+        monkeypatch.setenv("ASL_MODEL_DIR", str(model_dir))
+        if examples_dir is None:
+            monkeypatch.delenv("ASL_EXAMPLES_DIR", raising=False)
+        else:
+            monkeypatch.setenv("ASL_EXAMPLES_DIR", str(examples_dir))
+        return AppTest.from_file(APP, default_timeout=120).run()
+    return start
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run) -> predict.Predictor:
+    return predict.load_predictor(trained_run)
+
+
+def upload(at: AppTest, name: str, data: bytes, threshold: float = 0.0) -> AppTest:
+    at.slider[0].set_value(threshold)
+    at.file_uploader[0].set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+def shown_prediction(at: AppTest) -> tuple[str, str]:
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    found = [m.groups() for m in (PREDICTION.search(md.value) for md in at.markdown) if m]
+    assert len(found) == 1
+    return found[0]
+
+
+def expected(predictor: predict.Predictor, image: Image.Image) -> tuple[str, str]:
+    label, probability = predictor.top_k(image, 1)[0]
+    return label, f"{probability:.1%}"[:-1]
+
+
+def chart_data(at: AppTest) -> pd.DataFrame:
+    (chart,) = at.get("vega_lite_chart")
+    (dataset,) = chart.proto.datasets
+    return pa.ipc.open_stream(dataset.data.data).read_pandas()
+
+
+def captions(at: AppTest) -> list[str]:
+    return [image.proto.imgs[0].caption for image in at.get("image")]
+
+
+def test_an_upload_shows_the_prediction_top_classes_and_the_model_view(page, predictor, synthetic_dir):
+    source = Image.open(synthetic_dir / "B" / "B1.jpg")
+    at = upload(page(), "B1.png", encode(source, "PNG"))
+    assert shown_prediction(at) == expected(predictor, source.convert("RGB"))
+    chart = chart_data(at)
+    top = predictor.top_k(source.convert("RGB"), 5)
+    assert list(chart["class"]) == [c for c, _ in top] and len(chart) == 3  # 3 classes, fewer than 5
+    assert np.allclose(chart["probability"], [p for _, p in top], atol=1e-6)
+    crop = predictor.transform_cfg["crop_size"]
+    assert captions(at) == ["Your image (40x40)", f"As the model saw it ({crop}x{crop})"]
+
+
+def test_below_the_threshold_it_says_it_is_unsure(page, predictor, synthetic_dir):
+    at = upload(page(), "A1.jpg", (synthetic_dir / "A" / "A1.jpg").read_bytes(), threshold=1.0)
+    assert not at.exception and not at.error
+    label, _ = predictor.top_k(Image.open(synthetic_dir / "A" / "A1.jpg").convert("RGB"), 1)[0]
+    assert at.warning[0].value.startswith(f"Not sure: the best guess, **{label}**")
+    assert not any(PREDICTION.search(md.value) for md in at.markdown)
+
+
+def test_the_sidebar_describes_the_model(page, predictor):
+    at = page()
+    facts = at.sidebar.markdown[0].value
+    last = predictor.history[-1]
+    assert f"**Validation accuracy**: {last['val_acc']:.1%} (epoch {last['epoch']})" in facts
+    assert "**Classes**: 3" in facts and "**Architecture**: efficientnet_lite0" in facts
+    assert at.sidebar.markdown[1].value == "A, B, C"
+
+
+def odd_images() -> dict[str, tuple[str, bytes]]:
+    rgb = noise(48, 48, seed=3)
+    return {"grayscale": ("gray.png", encode(Image.fromarray(rgb[..., 1]), "PNG")),
+            "rgba": ("transparent.png", rgba_png()[0]),
+            "cmyk": ("print.jpg", encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)),
+            "16-bit": ("scan.png", sixteen_bit_png(rgb[..., 2])),
+            "bmp": ("old.bmp", encode(Image.fromarray(rgb), "BMP")),
+            "webp": ("web.webp", encode(Image.fromarray(rgb), "WEBP"))}
+
+
+@pytest.mark.parametrize("kind", odd_images())
+def test_odd_but_valid_images_are_predicted(page, predictor, kind):
+    name, data = odd_images()[kind]
+    assert shown_prediction(upload(page(), name, data)) == expected(predictor, app.decode_image(data, name))
+
+
+def test_an_exif_rotated_photo_is_predicted_upright(page, predictor):
+    data, upright = exif_rotated_jpeg()
+    at = upload(page(), "phone.jpg", data)
+    upright_result = expected(predictor, Image.fromarray(upright))
+    sideways_result = expected(predictor, Image.open(io.BytesIO(data)).convert("RGB"))
+    assert upright_result != sideways_result  # else this test could not tell the two apart
+    assert shown_prediction(at) == upright_result and captions(at)[0] == "Your image (30x60)"
+
+
+def test_a_huge_photo_is_downscaled_and_predicted(page):
+    at = upload(page(), "big.jpg", encode(Image.fromarray(noise(3000, 1500)), "JPEG", quality=70))
+    shown_prediction(at)
+    assert captions(at)[0] == f"Your image ({app.MAX_SIDE}x{app.MAX_SIDE // 2})"
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("notes.jpg", lambda: b"just some text, no picture", "is not an image this app can read"),
+    ("cut.jpg", truncated_jpeg, "could not be decoded: the file is truncated or damaged"),
+    ("bomb.png", bomb_png, "is too large"),
+    ("empty.png", lambda: b"", "is empty"),
+], ids=["not an image", "truncated", "huge", "empty"])
+def test_bad_uploads_show_their_message(page, name, make, message):
+    at = upload(page(), name, make())
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value and name in at.error[0].value
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("simulated bug")
+
+
+def test_an_unexpected_failure_shows_a_message_not_a_traceback(page, synthetic_dir, monkeypatch):
+    monkeypatch.setattr(predict.Predictor, "top_k", broken)
+    at = upload(page(), "A1.jpg", (synthetic_dir / "A" / "A1.jpg").read_bytes())
+    assert not at.exception
+    assert at.error[0].value.startswith("Something went wrong (RuntimeError)")
+
+
+def test_an_unexpected_failure_while_loading_the_model_shows_a_message(page, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "load_predictor", broken)
+    at = page(model_dir=tmp_path)  # a source not loaded before, so the page's model cache cannot answer
+    assert not at.exception and not at.file_uploader
+    assert at.error[0].value.startswith("Something went wrong (RuntimeError)")
+
+
+def damaged_checkpoint(folder):
+    (folder / "best.pt").write_bytes(b"not a checkpoint")
+    return folder
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "nowhere", "does not exist"),
+    (lambda tmp: tmp, "No best.pt or last.pt"),
+    (damaged_checkpoint, "not a checkpoint written by"),
+], ids=["missing folder", "empty folder", "damaged checkpoint"])
+def test_a_missing_model_explains_how_to_train_or_where_to_point(page, tmp_path, make, message):
+    at = page(model_dir=make(tmp_path))
+    assert not at.exception and not at.file_uploader  # no input offered without a model
+    assert at.error[0].value.startswith("**No model to run.**") and message in at.error[0].value
+    assert "pt_train.py" in at.info[0].value and "--model_dir" in at.info[0].value
+
+
+def test_examples_from_the_test_folder(page, predictor, tmp_path):
+    folder = tmp_path / "test"
+    folder.mkdir()
+    source = make_image_folder(tmp_path / "src", per_class=1, seed=5)
+    for name in ("A", "C"):
+        (folder / f"{name}_test.jpg").write_bytes((source / name / f"{name}1.jpg").read_bytes())
+    at = page(examples_dir=folder)
+    at.slider[0].set_value(0.0)
+    at.radio[0].set_value("Example").run()
+    assert at.selectbox[0].options == ["A_test.jpg", "C_test.jpg"]
+    at.selectbox[0].set_value(folder / "C_test.jpg").run()
+    shown = shown_prediction(at)
+    assert shown == expected(predictor, Image.open(folder / "C_test.jpg").convert("RGB"))
+    verdict = "correct" if shown[0] == "C" else "wrong"
+    assert f"True sign, from the file name: **C** ({verdict})" in [c.value for c in at.caption]
+
+
+def test_a_missing_examples_folder_is_reported(page, tmp_path):
+    at = page(examples_dir=tmp_path / "nope")
+    assert "does not exist" in at.sidebar.warning[0].value and at.radio[0].options == ["Upload", "Camera"]
+
+
+def test_a_camera_photo_is_predicted(page, predictor, synthetic_dir):
+    at = page()
+    at.slider[0].set_value(0.0)
+    at.radio[0].set_value("Camera").run()
+    photo = (synthetic_dir / "C" / "C2.jpg").read_bytes()
+    at.camera_input[0].set_value(("photo.jpg", photo, "image/jpeg")).run()
+    assert shown_prediction(at) == expected(predictor, Image.open(io.BytesIO(photo)).convert("RGB"))
+
+
+def test_an_empty_grad_cam_is_explained_not_drawn(page, trained_run, synthetic_dir, tmp_path):
+    # non-positive head weights on non-negative (ReLU6) features: no region can raise any class's score
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt["model"]["classifier.1.weight"] = -ckpt["model"]["classifier.1.weight"].abs()
+    torch.save(ckpt, tmp_path / "best.pt")
+    at = page(model_dir=tmp_path)
+    at.toggle[0].set_value(True)
+    at = upload(at, "A3.jpg", (synthetic_dir / "A" / "A3.jpg").read_bytes())
+    shown_prediction(at)
+    assert len(captions(at)) == 2 and at.info[0].value.startswith("Grad-CAM is empty")
+
+
+def test_grad_cam_overlay_on_request(page, predictor, synthetic_dir):
+    at = page()
+    at.toggle[0].set_value(True)
+    at = upload(at, "A3.jpg", (synthetic_dir / "A" / "A3.jpg").read_bytes())
+    label, _ = shown_prediction(at)
+    assert len(captions(at)) == 3 and captions(at)[2] == f"Where it looked for '{label}'"

@@ -1,0 +1,33 @@
+"""bench.py runs end to end and reports every figure; how fast anything is, is its output, not a test."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+FIGURES = {"pipeline_images_per_s", "pipeline_first_epoch_images_per_s", "pipeline_augmented_images_per_s",
+           "train_images_per_s", "latency_p50_ms", "latency_p95_ms", "batch_inference_images_per_s",
+           "peak_memory_pipeline_mb", "peak_memory_training_mb", "peak_memory_inference_mb"}
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_the_table_and_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT, text=True,
+                            capture_output=True, timeout=800, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ours/base" in result.stdout and "latency_p50_ms" in result.stdout
+    results = json.loads(out.read_text())
+    assert FIGURES <= set(results["figures"])
+    for name, fig in results["figures"].items():
+        assert {"unit", "baseline", "ours", "ratio", "better"} <= set(fig), name
+        assert all(math.isfinite(fig[k]) and fig[k] > 0 for k in ("baseline", "ours", "ratio")), name
+    assert results["onnx_export_s"] > 0 and results["preprocess_ms"] > 0 and results["first_epoch_s"] > 0
+    assert results["predictions_agree"]["same_argmax"] and results["predictions_agree"]["max_abs_prob_diff"] < 1e-4
+    assert results["settings"]["device"] in ("cpu", "cuda") and results["settings"]["load_average"]

@@ -1,0 +1,42 @@
+"""calibration: ECE against a hand-checked case, temperature fitting, and the temperature stored by training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import calibration
+import predict
+
+
+def test_ece_of_a_known_case():
+    # two bins: confidence 0.9 (right 1 of 2) and 0.6 (right 2 of 2): ECE = 0.5*|0.9-0.5| + 0.5*|0.6-1.0| = 0.4
+    p_hi, p_lo = torch.log(torch.tensor([0.9, 0.1])), torch.log(torch.tensor([0.6, 0.4]))
+    logits = torch.stack([p_hi, p_hi, p_lo, p_lo])
+    targets = torch.tensor([0, 1, 0, 0])
+    assert calibration.expected_calibration_error(logits, targets, n_bins=10) == pytest.approx(0.4, abs=1e-5)
+
+
+def test_fitted_temperature_undoes_overconfidence():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 5) * 1.5
+    targets = torch.distributions.Categorical(logits=true_logits).sample()
+    overconfident = true_logits * 3  # a model three times too sure of itself
+    t = calibration.fit_temperature(overconfident, targets)
+    assert t == pytest.approx(3.0, rel=0.1)
+    before = calibration.expected_calibration_error(overconfident, targets)
+    assert calibration.expected_calibration_error(overconfident, targets, t) < before / 3
+
+
+def test_training_stores_the_temperature_and_the_predictor_uses_it(trained_run):
+    report = json.loads((trained_run / "calibration.json").read_text())
+    assert report["temperature"] > 0 and report["n_images"] > 0
+    assert report["nll_after"] <= report["nll_before"] + 1e-6  # the fit minimises NLL; ECE is reported
+    assert 0 <= report["ece_after"] <= 1
+    p = predict.load_predictor(trained_run)
+    assert p.metadata["temperature"] == pytest.approx(report["temperature"])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = p.model(x)
+    torch.testing.assert_close(p.predict_batch(x), torch.softmax(logits / report["temperature"], 1))

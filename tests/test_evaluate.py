@@ -1,0 +1,327 @@
+"""evaluate: metrics against scikit-learn, every report file, test-folder layouts, the recomputed validation split,
+the Lite0 round trip through a checkpoint, and clear errors for bad input."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, f1_score,
+                             roc_auc_score, top_k_accuracy_score)
+
+import data_loader
+import evaluate
+import model as models
+import predict
+import pt_engine
+from conftest import SHARED_ASL, make_image_folder, requires_shared
+
+FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
+           "training_curves.png", "misclassified.png", "samples.png")
+QUICK = ["--num_workers", "0", "--batch_size", "16"]
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """evaluate.main in this process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = evaluate.main([*QUICK, *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(trained_run, tmp_path_factory) -> tuple[Path, str]:
+    """The full report on the validation split of the tiny trained Lite0 model, and what the command printed."""
+    out = tmp_path_factory.mktemp("report")
+    code, stdout, stderr = run_cli("--model_dir", str(trained_run), "--out_dir", str(out), "--samples", "4")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def read_predictions(out: Path) -> list[dict]:
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_match_scikit_learn_on_known_predictions():
+    classes = ["a", "b", "c", "d", "e"]  # "e" never occurs in the data but is predicted twice
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    y_pred = np.array([0, 0, 4, 1, 1, 1, 4, 2, 0, 3])
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=len(y_true))
+    probs[np.arange(len(y_true)), y_pred] += 1.0  # make y_pred the argmax
+    probs /= probs.sum(axis=1, keepdims=True)
+
+    scores = evaluate.compute_metrics(y_true, probs, classes)
+    m, present = scores.metrics, [0, 1, 2, 3]
+    assert m["accuracy"] == pytest.approx(0.6) == accuracy_score(y_true, y_pred)  # 6 of 10 by hand
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=present, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=present, average="weighted"))
+    assert m["top3_accuracy"] == pytest.approx(top_k_accuracy_score(y_true, probs, k=3, labels=range(5)))
+    assert m["classes_present"] == ["a", "b", "c", "d"] and m["classes_absent"] == ["e"]
+    assert set(m["per_class"]) == {"a", "b", "c", "d"}  # per class only for the classes present
+    for c, name in zip(present, "abcd"):
+        assert m["per_class"][name]["average_precision"] == pytest.approx(average_precision_score(y_true == c,
+                                                                                                  probs[:, c]))
+        assert m["per_class"][name]["roc_auc"] == pytest.approx(roc_auc_score(y_true == c, probs[:, c]))
+    assert m["per_class"]["a"]["recall"] == pytest.approx(0.5) and m["per_class"]["a"]["support"] == 4
+    assert m["macro_average_precision"] == pytest.approx(np.mean([m["per_class"][n]["average_precision"]
+                                                                  for n in "abcd"]))
+    # "e" was predicted for an "a" and a "b": the argmax runs over every model class, absent ones included
+    assert [(p["true"], p["predicted"], p["count"], p["share_of_true"]) for p in m["most_confused"]] == [
+        ("a", "b", 1, 0.25), ("a", "e", 1, 0.25), ("b", "e", 1, pytest.approx(1 / 3)), ("c", "a", 1, 0.5)]
+    assert scores.confusion.shape == (5, 5) and scores.confusion[:, 4].sum() == 2
+    assert scores.report["accuracy"] == pytest.approx(0.6) and "accuracy" in scores.report_text
+    json.dumps(m, allow_nan=False)
+
+
+def test_a_single_class_gives_undefined_auc_not_a_crash():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]])
+    m = evaluate.compute_metrics(np.array([0, 0]), probs, ["a", "b", "c"]).metrics
+    assert m["per_class"]["a"]["roc_auc"] is None and m["macro_roc_auc"] is None
+    assert m["accuracy"] == 0.5
+    json.dumps(m, allow_nan=False)
+
+
+def test_subsample_is_seeded_and_capped():
+    samples = [(f"{c}{i}.jpg", label) for label, c in enumerate("ab") for i in range(10)] + [("c0.jpg", 2)]
+    picked = evaluate.subsample(samples, 3, seed=1)
+    assert [label for _, label in picked] == [0, 0, 0, 1, 1, 1, 2]
+    assert picked == evaluate.subsample(samples, 3, seed=1) != evaluate.subsample(samples, 3, seed=2)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def test_flat_test_layout_is_parsed(tmp_path):
+    image = Image.new("RGB", (8, 8), (200, 30, 30))
+    for name in ("A_test.jpg", "B_test.jpg", "nothing_test.jpg", "my_class_7.png", "nolabel.jpg"):
+        image.save(tmp_path / name)
+    (tmp_path / "broken_test.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "notes_x.txt").write_text("hello")
+    images = data_loader.scan_flat_folder(tmp_path)
+    assert images.classes == ["A", "B", "my_class", "nothing"]
+    labels = {Path(p).name: images.classes[label] for p, label in images.samples}
+    assert labels == {"A_test.jpg": "A", "B_test.jpg": "B", "my_class_7.png": "my_class",
+                      "nothing_test.jpg": "nothing"}
+    assert sorted(Path(p).name for p in images.skipped) == ["broken_test.jpg", "nolabel.jpg", "notes_x.txt"]
+
+
+def test_recomputed_validation_split_equals_the_training_split(trained_run):
+    predictor = predict.load_predictor(trained_run)
+    data = evaluate.load_validation_split(predictor, trained_run)
+    root = Path(json.loads((trained_run / "config.json").read_text())["data_root"])
+    relative = [str(Path(p).relative_to(root)) for p, _ in data.samples]
+    assert relative == json.loads((trained_run / "split.json").read_text())["val"]
+    assert len(relative) == 9 and all(predictor.classes[label] == Path(p).parent.name for p, label in data.samples)
+    assert "equals the 9 files" in data.notes[0]
+
+
+def test_a_changed_data_folder_is_reported_and_only_held_out_files_are_scored(trained_run, tmp_path):
+    config = json.loads((trained_run / "config.json").read_text())
+    split = json.loads((trained_run / "split.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(config["data_root"], data)
+    make_image_folder(data, per_class=16, seed=1)  # 4 new frames per class shift the block split
+    (data / split["val"][0]).unlink()
+    run = tmp_path / "run"
+    run.mkdir()
+    data_loader.save_json({**config, "data_root": str(data)}, run / "config.json")
+    shutil.copy(trained_run / "split.json", run)
+
+    result = evaluate.load_validation_split(predict.load_predictor(trained_run), run)
+    assert "differs from the one training used" in result.notes[0] and "1 of its files are gone" in result.notes[0]
+    assert [str(Path(p).relative_to(data)) for p, _ in result.samples] == split["val"][1:]
+    assert result.skipped == [str(data / split["val"][0])]
+
+
+def test_a_missing_training_data_folder_is_explained(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    data_loader.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
+    code, _, err = run_cli("--model_dir", str(run), "--out_dir", str(tmp_path / "out"))
+    assert code == 2 and "is not on this machine" in err and "--test_dir" in err
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+def test_report_holds_every_file_and_figure(report):
+    out, stdout = report
+    for name in FIGURES:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 200, name
+    for name in ("metrics.json", "classification_report.json", "classification_report.txt", "predictions.csv"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert all(f"]({name})" in md for name in FIGURES)
+    assert "equals the 9 files training held out" in md and "/run --out_dir" in md
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 9 and m["skipped"] == [] and m["model"]["arch"] == "efficientnet_lite0"
+    assert m["dataset"]["description"].startswith("validation split of")
+    assert f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} | top-3 accuracy 1.0000" in stdout
+    assert not list(out.glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+def test_report_figures_agree_with_scikit_learn_on_the_written_predictions(report):
+    out, _ = report
+    rows = read_predictions(out)
+    truth, pred = [r["true"] for r in rows], [r["predicted"] for r in rows]
+    written = json.loads((out / "classification_report.json").read_text())
+    expected = classification_report(truth, pred, output_dict=True, zero_division=0)
+    assert written.keys() == expected.keys()
+    for key, value in expected.items():
+        assert written[key] == pytest.approx(value)
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+
+
+def test_lite0_checkpoint_round_trips_through_evaluate(report, trained_run):
+    out, _ = report
+    rows = read_predictions(out)
+    predictor = predict.load_predictor(trained_run)
+    # 1. evaluate's batched path equals the shared predictor image by image
+    images = [data_loader.load_rgb(r["path"]) for r in rows]
+    direct = predictor.predict(images)
+    assert [predictor.classes[i] for i in direct.argmax(1)] == [r["predicted"] for r in rows]
+    np.testing.assert_allclose(direct.max(1).values.numpy(), [float(r["probability"]) for r in rows], atol=1e-5)
+    # 2. ... and a network rebuilt by hand from the checkpoint, without predict.py
+    ckpt = pt_engine.load_checkpoint(trained_run / "best.pt")
+    assert ckpt["metadata"]["arch"] == "efficientnet_lite0"
+    net = models.build_model("efficientnet_lite0", len(predictor.classes), weights="none")
+    net.load_state_dict(ckpt["model"])
+    transform = data_loader.eval_transform(json.loads((trained_run / "transform.json").read_text()))
+    with torch.no_grad():
+        logits = net.eval()(torch.stack([transform(im) for im in images]))
+    assert torch.equal(logits.argmax(1), direct.argmax(1))
+    temperature = ckpt["metadata"].get("temperature", 1.0)
+    torch.testing.assert_close(torch.softmax(logits / temperature, 1), direct, atol=1e-5, rtol=1e-4)
+
+
+def test_pred_and_plot_image_titles_truth_prediction_and_probability(trained_run, synthetic_dir):
+    predictor = predict.load_predictor(trained_run)
+    path = synthetic_dir / "B" / "B3.jpg"
+    with torch.no_grad():  # a bare network has no calibrated temperature: its plain softmax
+        probs = torch.softmax(predictor.model(predictor.preprocess(data_loader.load_rgb(path))[None]), 1)[0]
+    expected, p = predictor.classes[int(probs.argmax())], float(probs.max())
+    # a bare network with its classes and transform settings, as after training in a notebook
+    label, prob, ax = evaluate.pred_and_plot_image(predictor.model, path, predictor.classes,
+                                                   predictor.transform_cfg, true_label="B")
+    assert label == expected and prob == pytest.approx(p, abs=1e-5)
+    assert ax.get_title() == f"true B\npred {expected} ({p:.2f})"
+    assert ax.title.get_color() == ("tab:green" if expected == "B" else "tab:red")
+    assert len(ax.get_images()) == 1
+    # --samples K draws K of these into one figure
+    items = [(str(synthetic_dir / c / f"{c}1.jpg"), c) for c in "ABC"]
+    fig = evaluate.plot_predictions(predictor, items, "3 random images")
+    assert [a.get_title().split("\n")[0] for a in fig.axes if a.get_images()] == ["true A", "true B", "true C"]
+
+
+# ------------------------------------------------------------------------------------------- test folders
+
+def test_a_test_folder_with_a_subset_of_classes_and_unreadable_images(trained_run, tmp_path):
+    data = make_image_folder(tmp_path / "test", classes=("A", "B"), per_class=4, seed=5)
+    good = Path(data / "A" / "A1.jpg").read_bytes()
+    (data / "A" / "A_truncated.jpg").write_bytes(good[: len(good) // 3])  # valid header, fails to decode
+    (data / "B" / "garbage.jpg").write_bytes(b"\x00" * 100)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(data), "--out_dir", str(out),
+                                "--samples", "2")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 8 and m["classes_absent"] == ["C"] and set(m["per_class"]) == {"A", "B"}
+    assert sorted(Path(p).name for p in m["skipped"]) == ["A_truncated.jpg", "garbage.jpg"]
+    assert "Note: Model classes absent from the data: C" in stdout
+    md = (out / "report.md").read_text()
+    assert "A_truncated.jpg" in md and "garbage.jpg" in md and "class sub-folders" in md
+    rows = read_predictions(out)
+    assert m["accuracy"] == pytest.approx(np.mean([r["true"] == r["predicted"] for r in rows]))
+
+
+def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_dir, tmp_path, monkeypatch):
+    # a stand-in for log_experiment: what reaches MLflow is that module's business, the hand-over is ours
+    calls = []
+
+    def log_evaluation(run_id, out_dir, metrics):
+        calls.append((run_id, Path(out_dir), metrics))
+        if run_id == "no-such-run":
+            raise fake.TrackingError("Could not add the evaluation to MLflow run no-such-run.")
+
+    fake = types.ModuleType("log_experiment")
+    fake.TrackingError = type("TrackingError", (RuntimeError,), {})
+    fake.log_evaluation = log_evaluation
+    monkeypatch.setitem(sys.modules, "log_experiment", fake)
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(trained_run / "best.pt"), "--test_dir", str(synthetic_dir), "--max_per_class", "2",
+            "--out_dir", str(out), "--samples", "0"]
+    code, _, err = run_cli(*args, "--mlflow_run", "abc123")
+    assert code == 0, err
+    (run_id, logged_dir, metrics), = calls
+    assert run_id == "abc123" and logged_dir == out and metrics == json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 6 and metrics["dataset"]["max_per_class"] == 2
+    code, _, err = run_cli(*args, "--mlflow_run", "no-such-run")
+    assert code == 2 and "no-such-run" in err and f"The report itself is in {out}" in err
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda run, t: ["--model_dir", str(t / "nope")], "does not exist"),
+    (lambda run, t: ["--checkpoint", str(t / "junk.pt")], "is not a checkpoint"),
+    (lambda run, t: ["--model_dir", str(run), "--test_dir", str(t / "nope")], "does not exist"),
+    (lambda run, t: ["--model_dir", str(run), "--test_dir", str(t / "empty")], "No labelled images"),
+    (lambda run, t: ["--model_dir", str(run), "--test_dir",
+                     str(make_image_folder(t / "unknown", classes=("A", "Q", "zz"), per_class=1))],
+     "does not know: Q, zz"),
+    (lambda run, t: ["--model_dir", str(run), "--batch_size", "0"], "--batch_size"),
+])
+def test_bad_input_exits_2_with_one_clear_line(trained_run, tmp_path, make_args, message):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(*make_args(trained_run, tmp_path), "--out_dir", str(tmp_path / "out"))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_flag_without_cuda_is_explained(trained_run, tmp_path):
+    code, _, err = run_cli("--model_dir", str(trained_run), "--gpu", "--out_dir", str(tmp_path))
+    assert code == 2 and "no CUDA device" in err
+
+
+# ------------------------------------------------------------------------------------------- real images
+
+@requires_shared
+def test_kaggle_test_folder_is_parsed_with_labels_from_names():
+    images = data_loader.scan_flat_folder(SHARED_ASL / "test")
+    assert len(images.samples) == 28 and images.skipped == []
+    assert "del" not in images.classes and len(images.classes) == 28
+    assert all(Path(p).name == f"{images.classes[label]}_test.jpg" for p, label in images.samples)
+
+
+@requires_shared
+def test_29_class_model_on_the_kaggle_test_folder(tmp_path, trained_run):
+    # an untrained 29-class Lite0 checkpoint: the pipeline, not the accuracy, is under test
+    classes = sorted(d.name for d in (SHARED_ASL / "train").iterdir() if d.is_dir())
+    net = models.build_model("efficientnet_lite0", len(classes), weights="none")
+    meta = {"arch": "efficientnet_lite0", "num_classes": len(classes), "classes": classes,
+            "transform": models.preprocessing("efficientnet_lite0", "none", img_size=64)}
+    torch.save({"model": net.state_dict(), "metadata": meta}, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("--checkpoint", str(tmp_path / "model.pt"), "--test_dir", str(SHARED_ASL / "test"),
+                                "--out_dir", str(out), "--samples", "0")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 28 and m["classes_absent"] == ["del"] and len(m["per_class"]) == 28
+    assert "flat files" in m["dataset"]["description"]
+    # the 3-class synthetic model does not know most Kaggle classes: one clear line names them
+    code, _, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(SHARED_ASL / "test"),
+                           "--out_dir", str(out))
+    assert code == 2 and "does not know: D, E, F" in err and "nothing, space" in err
