@@ -169,19 +169,20 @@ def example_images(folder: str | os.PathLike) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in data_loader.IMG_EXTENSIONS)
 
 
-def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray:
+def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray | None:
     """Grad-CAM map (crop x crop, 0..1): where the last convolutional features raised this class's score.
 
     The feature map is the last 4-D activation before global pooling, found with hooks on the leaf modules, so
-    the same code serves torchvision's and timm's EfficientNets.
+    the same code serves torchvision's and timm's EfficientNets. None when the model has no such layers to hook
+    (a `torch.export` graph loaded from MLflow is one flat graph of operations).
     """
     net = predictor.model
     activations: list[torch.Tensor] = []
 
     def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         # requires_grad: other sessions' predictions, which run without gradients, pass these hooks too
-        if output.dim() == 4 and output.requires_grad and not isinstance(module, (nn.AdaptiveAvgPool2d,
-                                                                                   nn.AdaptiveMaxPool2d)):
+        if (isinstance(output, torch.Tensor) and output.dim() == 4 and output.requires_grad
+                and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))):
             activations.append(output)
 
     x = predictor.preprocess(image).unsqueeze(0).to(predictor.device)
@@ -190,6 +191,8 @@ def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int)
         try:
             with torch.enable_grad():
                 score = net(x)[0, class_index]
+                if not activations:
+                    return None
                 features = activations[-1]
                 (grads,) = torch.autograd.grad(score, features)
         finally:
@@ -288,7 +291,10 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
         panels[1].image(view, caption=f"As the model saw it ({view.shape[1]}x{view.shape[0]})", width="stretch")
         if explain:
             heat = grad_cam(predictor, image, predictor.classes.index(verdict.label))
-            if heat.any():
+            if heat is None:
+                panels[2].info("Grad-CAM needs the model's layers; this model (an exported graph, e.g. from "
+                               "MLflow) has none to look into. Point the app at the training folder instead.")
+            elif heat.any():
                 panels[2].image(overlay(view, heat), caption=f"Where it looked for '{verdict.label}'",
                                 width="stretch")
             else:  # every region lowered the score: there is nothing to show, and a blank overlay would mislead

@@ -5,8 +5,8 @@ frames bicubically to 256 before cropping 224. Both give the same uint8 pixels e
 once here and stored. What is stored depends on what the split's transform needs:
 
 * ``crop``: the eval preset's resize and centre crop (`data_loader.eval_geometry`), for splits that are not
-  augmented (validation, ``--no-augment``). Each epoch then only converts to float and normalises, and the
-  tensors equal the plain path's exactly.
+  augmented (validation, ``--no-augment``). Each epoch then only batches the uint8 pixels and normalises whole
+  images in the loader's process (`data_loader.FinishingLoader`), and the tensors equal the plain path's exactly.
 * ``source``: the decoded image, for the random crops of augmented training. An image whose shorter side
   exceeds ``resize_size`` is shrunk to it first, which bounds the cache (a 12-megapixel photo would take
   36 MB); up to that size the training tensors equal the plain path's for the same random state.
@@ -122,14 +122,17 @@ def build_cache(samples: list[Sample], geometry: CacheGeometry, stem: Path, num_
 
 
 class CachedImageDataset(Dataset):
-    """The images of a cache, each through `transform` (the plain path's own) as a PIL image.
+    """The images of a cache, each through `transform` (the plain path's own) as a PIL image; `finish_transform`,
+    when set, is done on them in the loader's process (see `data_loader.make_loader`).
 
     The memory map is opened lazily in each process and never pickled, so spawned workers do not receive
     a copy of the whole dataset.
     """
 
-    def __init__(self, pixels_path: Path, index: np.ndarray, samples: list[Sample], transform):
-        self.pixels_path, self.index, self.samples, self.transform = pixels_path, index, samples, transform
+    def __init__(self, pixels_path: Path, index: np.ndarray, samples: list[Sample], transform,
+                 finish_transform=None):
+        self.pixels_path, self.index, self.samples = pixels_path, index, samples
+        self.transform, self.finish_transform = transform, finish_transform
         self._pixels: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -151,14 +154,17 @@ class CachedImageDataset(Dataset):
 
 def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,
                    num_workers: int = 0) -> CachedImageDataset:
-    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment))`.
+    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment))`: through
+    `data_loader.make_loader` it gives the same batches (for the same random state).
 
     Builds the cache on first use (decoding with `num_workers` processes); images that do not decode are
     left out and counted.
     """
     geometry = CacheGeometry.for_split(cfg, augment)
-    # augmenting needs the whole image; otherwise the stored crop leaves only the tensor conversion
-    transform = data_loader.train_transform(cfg, augment=True) if augment else data_loader.to_model_input(cfg)
+    # augmenting needs the whole image and per-image random steps after normalising (erasing); otherwise the
+    # stored crop leaves only the normalisation, done on uint8 images as they arrive from the workers
+    transform, finish = ((data_loader.train_transform(cfg, augment=True), None) if augment
+                         else (T.ToImage(), data_loader.normalize(cfg)))
     stem = Path(cache_dir).expanduser() / cache_key(samples, geometry)
     if not Path(f"{stem}.index.npy").is_file():
         log.info("Decoding %d images once into %s.pixels (%s geometry)", len(samples), stem, geometry.kind)
@@ -170,7 +176,8 @@ def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir
         log.warning("Skipped %d image(s) that failed to decode, e.g. %s", len(failed), failed[0])
     if not len(keep):
         raise data_loader.DatasetError("No image in the dataset could be decoded.")
-    return CachedImageDataset(Path(f"{stem}.pixels"), index[keep], [samples[i] for i in keep], transform)
+    return CachedImageDataset(Path(f"{stem}.pixels"), index[keep], [samples[i] for i in keep], transform,
+                              finish)
 
 
 def cached_splits(splits: data_loader.Splits, cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,

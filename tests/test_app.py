@@ -19,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 import app
+import log_experiment
 import model as models
 import predict
 from conftest import ROOT, make_image_folder
@@ -188,6 +189,16 @@ def test_grad_cam_works_on_both_architectures(arch):
     heat = app.grad_cam(predictor, image, top_class)
     assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1)
     assert app.overlay(np.zeros((64, 64, 3), np.uint8), heat).dtype == np.uint8
+
+
+def test_grad_cam_is_unavailable_for_an_exported_graph():
+    # what an MLflow "pt2" model is: one flat torch.export graph, no layers to hook
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2)).eval()
+    graph = torch.export.export(net, (torch.zeros(2, 3, 32, 32),),
+                                dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    predictor = tiny_predictor(log_experiment.ExportedModel(graph), ["a", "b"], 32)
+    assert app.grad_cam(predictor, Image.fromarray(noise(32, 32)), 0) is None
 
 
 # ---------------------------------------------------------------------------------------------- the page

@@ -38,6 +38,9 @@ def assert_same_items(plain, cached, indices) -> None:
         expected, label = plain[i]
         torch.manual_seed(i)
         got, cached_label = cached[i]
+        if cached.finish_transform:  # uint8 images, normalised in the loader's process
+            assert got.dtype == torch.uint8
+            got = cached.finish_transform(got)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert cached_label == label
 
@@ -65,6 +68,7 @@ def test_loader_batches_from_workers_equal_the_plain_loader(synthetic_dir, tmp_p
     plain, cached = plain_and_cached(samples, cfg, False, tmp_path)
     batches = [list(dl.make_loader(ds, 8, train=True, num_workers=workers, seed=3))
                for ds, workers in ((plain, 0), (cached, 2))]
+    assert isinstance(dl.make_loader(cached, 8, train=True), dl.FinishingLoader)
     for (x, y), (cx, cy) in zip(*batches, strict=True):
         torch.testing.assert_close(cx, x, rtol=0, atol=0)
         assert torch.equal(cy, y)
