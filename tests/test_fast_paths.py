@@ -180,7 +180,7 @@ def test_cpu_ddp_processes_share_the_cores(monkeypatch):
     assert pt_train._num_threads(args, 4) == 3
     args = pt_train.parse_args([])
     assert pt_train._num_threads(args, 1) is None and pt_train._num_threads(args, 4) == 2
-    assert args.cache == "none" and args.channels_last  # the defaults on the CPU
+    assert args.cache == "none" and not args.channels_last  # the defaults on the CPU
 
 
 @pytest.fixture(scope="module")
