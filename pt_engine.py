@@ -132,8 +132,9 @@ class CustomTrainer:
         return (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
                 targets.to(self.device, non_blocking=True))
 
-    def run_batch(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """One optimisation step: forward, loss, backward, step. Returns the batch loss."""
+    def run_batch(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimisation step: forward, loss, backward, step. Returns the batch loss (detached, on the device:
+        reading it forces a GPU sync, so the caller decides how often)."""
         images, targets = self._to_device(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
@@ -143,7 +144,7 @@ class CustomTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update(self.train_metrics, logits, targets, loss)
-        return loss.item()
+        return loss.detach()
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train for one epoch and return the global training metrics."""
@@ -154,8 +155,10 @@ class CustomTrainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not self.is_main, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-        for images, targets in bar:
-            bar.set_postfix(loss=f"{self.run_batch(images, targets):.3f}", refresh=False)
+        for step, (images, targets) in enumerate(bar):
+            loss = self.run_batch(images, targets)
+            if step % 20 == 0:  # not every step: .item() waits for the GPU to finish
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         return self._values(self.train_metrics)
 
     @torch.no_grad()
