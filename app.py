@@ -32,7 +32,7 @@ import streamlit as st
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 import data_loader
@@ -231,8 +231,8 @@ def show_missing_model(err: predict.ModelLoadError) -> None:
             "MLflow model URI such as `models:/asl/1`).")
 
 
-def sidebar(cfg: AppConfig, predictor: predict.Predictor) -> tuple[float, bool]:
-    """Model facts and the settings; returns (confidence threshold, show Grad-CAM)."""
+def sidebar(cfg: AppConfig, predictor: predict.Predictor) -> tuple[float, bool, bool]:
+    """Model facts and the settings; returns (confidence threshold, show Grad-CAM, mirror the image)."""
     with st.sidebar:
         st.header("Model")
         st.caption(f"`{cfg.model}` on {cfg.device}")
@@ -243,7 +243,10 @@ def sidebar(cfg: AppConfig, predictor: predict.Predictor) -> tuple[float, bool]:
         threshold = st.slider("Confidence threshold", 0.0, 1.0, 0.5, 0.05,
                               help="Below this probability the app says it is unsure instead of guessing.")
         explain = st.toggle("Show where the model looked (Grad-CAM)", value=False)
-    return threshold, explain
+        # a model trained on one signer's hand reads the other hand's signs poorly unless trained with --hflip
+        mirror = st.toggle("Mirror the image (signing with the other hand)", value=False,
+                           help="A mirrored letter is the same letter signed with the other hand.")
+    return threshold, explain, mirror
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,11 @@ def _examples(cfg: AppConfig) -> list[Path]:
     return example_images(cfg.examples_dir)
 
 
-def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, explain: bool) -> None:
+def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, explain: bool,
+                mirror: bool = False) -> None:
     image = decode_image(chosen.data, chosen.name)
+    if mirror:
+        image = ImageOps.mirror(image)
     top = predictor.top_k(image, TOP_K)
     verdict = decide(top, threshold)
     view = model_view(predictor, image)
@@ -331,12 +337,12 @@ def page() -> None:
     except predict.ModelLoadError as err:
         show_missing_model(err)
         return
-    threshold, explain = sidebar(cfg, predictor)
+    threshold, explain, mirror = sidebar(cfg, predictor)
     chosen = choose_input(cfg)
     if chosen is None:
         return
     try:
-        show_result(predictor, chosen, threshold, explain)
+        show_result(predictor, chosen, threshold, explain, mirror)
     except InputError as err:
         st.error(str(err))
 

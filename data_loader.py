@@ -219,16 +219,19 @@ def eval_transform(cfg: dict) -> T.Compose:
     return T.Compose([eval_geometry(cfg), to_model_input(cfg)])
 
 
-def train_transform(cfg: dict, augment: bool) -> T.Compose:
+def train_transform(cfg: dict, augment: bool, hflip: bool = False) -> T.Compose:
     """Training transform: the eval preset, or augmentations that survive a change of hand, light and room.
 
-    No horizontal flip: a mirrored hand shape is another sign.
+    Horizontal flips only with `hflip`: a mirrored hand is the same letter signed with the other hand, which is
+    what a model must read when its users include signers of the other handedness (or mirrored webcams), but it
+    also erases what a one-handed dataset says about handedness, so it is a choice, not a default.
     """
     if not augment:
         return eval_transform(cfg)
+    crop = T.RandomResizedCrop(cfg["crop_size"], scale=(0.5, 1.0), ratio=(0.8, 1.25),
+                               interpolation=_interpolation(cfg), antialias=True)
     return T.Compose([
-        T.RandomResizedCrop(cfg["crop_size"], scale=(0.5, 1.0), ratio=(0.8, 1.25),
-                            interpolation=_interpolation(cfg), antialias=True),
+        T.Compose([crop, T.RandomHorizontalFlip()]) if hflip else crop,
         T.ToImage(),
         T.RandomApply([T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR)], p=0.5),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.05)], p=0.8),
@@ -382,11 +385,11 @@ class Splits:
 
 
 def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: int = 0, split_by: str = "auto",
-                 augment: bool = True) -> Splits:
+                 augment: bool = True, hflip: bool = False) -> Splits:
     """Split scanned images and wrap both sides with their transforms (validation is never augmented)."""
     train_idx, val_idx = split_samples(images.samples, val_split, seed, split_by)
     train_samples = [images.samples[i] for i in train_idx]
     val_samples = [images.samples[i] for i in val_idx]
-    return Splits(ImageDataset(train_samples, train_transform(cfg, augment)),
+    return Splits(ImageDataset(train_samples, train_transform(cfg, augment, hflip)),
                   ImageDataset(val_samples, eval_transform(cfg)), images.classes, train_samples, val_samples,
                   resolve_split_by(images.samples, split_by), images.skipped)

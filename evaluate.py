@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, average_precision_score,
                              classification_report, confusion_matrix, precision_recall_curve, roc_auc_score,
                              roc_curve, top_k_accuracy_score)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import data_loader
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
     p.add_argument("--samples", type=int, default=12, help="random images shown with predictions in samples.png")
     p.add_argument("--seed", type=int, default=0, help="seed of --max_per_class and --samples")
+    p.add_argument("--mirror", action="store_true",
+                   help="mirror every image left-right before scoring: how the model reads signers of the other "
+                        "hand (or a mirrored camera)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--gpu", action="store_true", help="predict on the CUDA GPU")
@@ -198,9 +202,11 @@ def _collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor
 
 
 def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_size: int = 64,
-                    num_workers: int = 0) -> tuple[np.ndarray, list[Sample], list[str]]:
-    """Class probabilities of every decodable image, the samples they belong to, and the paths that failed."""
-    loader = DataLoader(_ImageFiles([p for p, _ in samples], predictor.transform), batch_size=batch_size,
+                    num_workers: int = 0, mirror: bool = False) -> tuple[np.ndarray, list[Sample], list[str]]:
+    """Class probabilities of every decodable image (mirrored left-right first with `mirror`), the samples they
+    belong to, and the paths that failed."""
+    transform = T.Compose([ImageOps.mirror, predictor.transform]) if mirror else predictor.transform
+    loader = DataLoader(_ImageFiles([p for p, _ in samples], transform), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     probs, kept, failed = [], [], []
     for images, ok, bad in tqdm(loader, desc="predicting", leave=False, dynamic_ncols=True):
@@ -553,7 +559,10 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     if args.max_per_class:
         chosen = subsample(chosen, args.max_per_class, args.seed)
         data.notes.append(f"At most {args.max_per_class} images per class, a sample drawn with seed {args.seed}.")
-    probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers)
+    if args.mirror:
+        data.notes.append("Every image was mirrored left-right before scoring (--mirror); the figures show them "
+                          "as stored.")
+    probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror)
     scores = compute_metrics(np.array([label for _, label in scored]), probs, predictor.classes)
     if scores.metrics["classes_absent"]:
         data.notes.append(f"Model classes absent from the data: {', '.join(scores.metrics['classes_absent'])}. "

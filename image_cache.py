@@ -153,8 +153,8 @@ class CachedImageDataset(Dataset):
 
 
 def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,
-                   num_workers: int = 0) -> CachedImageDataset:
-    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment))`: through
+                   num_workers: int = 0, hflip: bool = False) -> CachedImageDataset:
+    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment, hflip))`: through
     `data_loader.make_loader` it gives the same batches (for the same random state).
 
     Builds the cache on first use (decoding with `num_workers` processes); images that do not decode are
@@ -163,7 +163,7 @@ def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir
     geometry = CacheGeometry.for_split(cfg, augment)
     # augmenting needs the whole image and per-image random steps after normalising (erasing); otherwise the
     # stored crop leaves only the normalisation, done on uint8 images as they arrive from the workers
-    transform, finish = ((data_loader.train_transform(cfg, augment=True), None) if augment
+    transform, finish = ((data_loader.train_transform(cfg, augment=True, hflip=hflip), None) if augment
                          else (T.ToImage(), data_loader.normalize(cfg)))
     stem = Path(cache_dir).expanduser() / cache_key(samples, geometry)
     if not Path(f"{stem}.index.npy").is_file():
@@ -181,8 +181,9 @@ def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir
 
 
 def cached_splits(splits: data_loader.Splits, cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,
-                  num_workers: int = 0) -> data_loader.Splits:
+                  num_workers: int = 0, hflip: bool = False) -> data_loader.Splits:
     """`splits` with both sides served from the cache (validation is never augmented)."""
     kw = dict(cache_dir=cache_dir, num_workers=num_workers)
-    return dataclasses.replace(splits, train=cached_dataset(splits.train_samples, cfg, augment=augment, **kw),
+    return dataclasses.replace(splits, train=cached_dataset(splits.train_samples, cfg, augment=augment, hflip=hflip,
+                                                            **kw),
                                val=cached_dataset(splits.val_samples, cfg, augment=False, **kw))

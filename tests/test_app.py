@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from streamlit.testing.v1 import AppTest
 from torch import nn
 
@@ -267,6 +267,18 @@ def test_below_the_threshold_it_says_it_is_unsure(page, predictor, synthetic_dir
     label, _ = predictor.top_k(Image.open(synthetic_dir / "A" / "A1.jpg").convert("RGB"), 1)[0]
     assert at.warning[0].value.startswith(f"Not sure: the best guess, **{label}**")
     assert not any(PREDICTION.search(md.value) for md in at.markdown)
+
+
+def test_the_mirror_toggle_predicts_the_mirrored_image(page, predictor, synthetic_dir):
+    source = Image.open(synthetic_dir / "C" / "C2.jpg").convert("RGB")
+    at = page()
+    at.toggle[1].set_value(True)
+    at = upload(at, "C2.png", encode(source, "PNG"))
+    mirrored = ImageOps.mirror(source)
+    assert shown_prediction(at) == expected(predictor, mirrored)
+    assert np.allclose(chart_data(at)["probability"], [p for _, p in predictor.top_k(mirrored, 5)], atol=1e-6)
+    assert not np.allclose([p for _, p in predictor.top_k(source, 5)], [p for _, p in predictor.top_k(mirrored, 5)],
+                           atol=1e-4)  # so the test tells the two apart
 
 
 def test_the_sidebar_describes_the_model(page, predictor):

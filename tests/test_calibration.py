@@ -29,6 +29,41 @@ def test_fitted_temperature_undoes_overconfidence():
     assert calibration.expected_calibration_error(overconfident, targets, t) < before / 3
 
 
+class _Fixed(torch.nn.Module):
+    """A 'model' that returns given logits, batch by batch."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.at = logits, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.at:self.at + len(x)]
+        self.at += len(x)
+        return out
+
+
+def _loader(targets: torch.Tensor, batch: int = 100):
+    return [(torch.zeros(len(t), 1), t) for t in targets.split(batch)]
+
+
+def test_calibrate_applies_a_temperature_that_helps_on_held_out_halves():
+    torch.manual_seed(0)
+    true_logits = torch.randn(2000, 5) * 1.5
+    targets = torch.distributions.Categorical(logits=true_logits).sample()
+    report = calibration.calibrate(_Fixed(true_logits * 3), _loader(targets))
+    assert report["applied"] and report["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert report["ece_after"] == report["ece_after_cross_fitted"] < report["ece_before"] / 3
+
+
+def test_calibrate_keeps_temperature_1_when_scaling_cannot_lower_the_error():
+    targets = torch.arange(200) % 5
+    sure_and_right = torch.nn.functional.one_hot(targets, 5).float() * 30  # ECE is already 0
+    report = calibration.calibrate(_Fixed(sure_and_right), _loader(targets))
+    assert not report["applied"] and report["temperature"] == 1.0
+    assert report["ece_after"] == report["ece_before"]
+
+
 def test_training_stores_the_temperature_and_the_predictor_uses_it(trained_run):
     report = json.loads((trained_run / "calibration.json").read_text())
     assert report["temperature"] > 0 and report["n_images"] > 0

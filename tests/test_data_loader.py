@@ -131,6 +131,19 @@ def test_train_transform_augments_and_keeps_the_shape(synthetic_dir):
     torch.testing.assert_close(dl.train_transform(cfg, augment=False)(img), dl.eval_transform(cfg)(img))
 
 
+@pytest.mark.parametrize("hflip", [False, True])
+def test_train_transform_mirrors_only_with_hflip(hflip):
+    # left half dark, right half bright: a mirrored crop has its bright side on the left
+    pixels = np.zeros((96, 96, 3), np.uint8)
+    pixels[:, 48:] = 255
+    img = Image.fromarray(pixels)
+    cfg = dict(B0_CFG, resize_size=73, crop_size=64)
+    transform = dl.train_transform(cfg, augment=True, hflip=hflip)
+    torch.manual_seed(0)
+    mirrored = [bool(x[:, :, :16].mean() > x[:, :, -16:].mean()) for x in (transform(img) for _ in range(40))]
+    assert any(mirrored) == hflip and all(mirrored) is False
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "P"])
 def test_load_rgb_converts_every_mode(tmp_path, mode):
     arr = np.full((20, 30), 40000 if mode == "I;16" else 120, dtype=np.uint16 if mode == "I;16" else np.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, f1_score,
                              roc_auc_score, top_k_accuracy_score)
 
@@ -245,6 +245,21 @@ def test_a_test_folder_with_a_subset_of_classes_and_unreadable_images(trained_ru
     assert "A_truncated.jpg" in md and "garbage.jpg" in md and "class sub-folders" in md
     rows = read_predictions(out)
     assert m["accuracy"] == pytest.approx(np.mean([r["true"] == r["predicted"] for r in rows]))
+
+
+def test_mirror_scores_the_mirrored_images(trained_run, synthetic_dir, tmp_path):
+    predictor = predict.load_predictor(trained_run)
+    samples = [(str(next((synthetic_dir / c).iterdir())), k) for k, c in enumerate("ABC")]
+    plain, _, _ = evaluate.predict_samples(predictor, samples)
+    mirrored, _, _ = evaluate.predict_samples(predictor, samples, mirror=True)
+    images = [ImageOps.mirror(data_loader.load_rgb(path)) for path, _ in samples]
+    np.testing.assert_allclose(mirrored, predictor.predict(images).numpy(), atol=1e-6)
+    assert not np.allclose(mirrored, plain, atol=1e-4)  # the synthetic shapes are not symmetric
+    out = tmp_path / "out"
+    code, _, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(synthetic_dir), "--out_dir", str(out),
+                           "--samples", "0", "--mirror")
+    assert code == 0, err
+    assert any("mirrored" in note for note in json.loads((out / "metrics.json").read_text())["notes"])
 
 
 def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_dir, tmp_path, monkeypatch):

@@ -27,9 +27,10 @@ B0_CFG = {"resize_size": 256, "crop_size": 224, "interpolation": "bicubic",
           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def plain_and_cached(samples, cfg, augment: bool, cache_dir: Path, num_workers: int = 0):
-    return (dl.ImageDataset(samples, dl.train_transform(cfg, augment)),
-            image_cache.cached_dataset(samples, cfg, augment=augment, cache_dir=cache_dir, num_workers=num_workers))
+def plain_and_cached(samples, cfg, augment: bool, cache_dir: Path, num_workers: int = 0, hflip: bool = False):
+    return (dl.ImageDataset(samples, dl.train_transform(cfg, augment, hflip)),
+            image_cache.cached_dataset(samples, cfg, augment=augment, cache_dir=cache_dir, num_workers=num_workers,
+                                       hflip=hflip))
 
 
 def assert_same_items(plain, cached, indices) -> None:
@@ -45,10 +46,10 @@ def assert_same_items(plain, cached, indices) -> None:
         assert cached_label == label
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_cached_tensors_equal_the_plain_path(synthetic_dir, tmp_path, augment):
+@pytest.mark.parametrize("augment, hflip", [(False, False), (True, False), (True, True)])
+def test_cached_tensors_equal_the_plain_path(synthetic_dir, tmp_path, augment, hflip):
     samples = dl.scan_image_folder(synthetic_dir).samples
-    plain, cached = plain_and_cached(samples, B0_CFG, augment, tmp_path, num_workers=2)
+    plain, cached = plain_and_cached(samples, B0_CFG, augment, tmp_path, num_workers=2, hflip=hflip)
     assert len(cached) == len(plain)
     assert_same_items(plain, cached, range(0, len(samples), 5))
 
@@ -180,7 +181,7 @@ def test_cpu_ddp_processes_share_the_cores(monkeypatch):
     assert pt_train._num_threads(args, 4) == 3
     args = pt_train.parse_args([])
     assert pt_train._num_threads(args, 1) is None and pt_train._num_threads(args, 4) == 2
-    assert args.cache == "none" and not args.channels_last  # the defaults on the CPU
+    assert args.cache == "none" and args.channels_last  # the defaults on the CPU
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,7 @@ def test_pretrained_lite0_learns_the_synthetic_classes(synthetic_dir, tmp_path):
     (lambda d, t: ["--xtrain_path", str(make_image_folder(t / "one", classes=("A",), per_class=2))], "at least 2"),
     (lambda d, t: ["--xtrain_path", str(d), "--weights", str(t / "missing.pth")], "missing.pth"),
     (lambda d, t: ["--xtrain_path", str(d), "--total_epochs", "0"], "--total_epochs"),
+    (lambda d, t: ["--xtrain_path", str(d), "--hflip", "--no-augment"], "--hflip"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(synthetic_dir, tmp_path, capsys, make_args, message):
     assert pt_train.main([*make_args(synthetic_dir, tmp_path), "--save_dir", str(tmp_path / "run")]) == 2
@@ -76,6 +77,15 @@ def test_existing_run_is_not_overwritten_by_accident(synthetic_dir, tmp_path, ca
     (tmp_path / "last.pt").write_bytes(b"precious")
     assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(tmp_path), *FAST]) == 2
     assert "--resume" in capsys.readouterr().err and (tmp_path / "last.pt").read_bytes() == b"precious"
+
+
+def test_defaults_are_the_measured_recipe():
+    # README "Model quality": the settings these defaults come from, and the runs that measured them
+    args = pt_train.parse_args([])
+    assert (args.img_size, args.augment, args.hflip, args.label_smoothing, args.learning_rate, args.scheduler) == \
+        (128, True, False, 0.1, 1e-3, "cosine")
+    assert pt_train.parse_args(["--weights", "none"]).img_size == 96
+    assert pt_train.parse_args(["--weights", "none", "--img_size", "64"]).img_size == 64
 
 
 def test_find_free_port_gives_distinct_usable_ports():
