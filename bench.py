@@ -108,25 +108,29 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
+    def _record(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_full_info().pss
-                except psutil.Error:  # a worker that just exited
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.interval)
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:  # a worker that just exited
+                pass
+        self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._record()
 
     def __enter__(self) -> PeakMemory:
+        self._record()  # here, not only in the thread: a block shorter than one interval is still measured
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._record()
 
 
 # ---------------------------------------------------------------------------------------------- the variants

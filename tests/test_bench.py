@@ -32,3 +32,11 @@ def test_quick_bench_prints_the_table_and_every_figure(tmp_path):
     assert results["onnx_export_s"] > 0 and results["preprocess_ms"] > 0 and results["first_epoch_s"] > 0
     assert results["predictions_agree"]["same_argmax"] and results["predictions_agree"]["max_abs_prob_diff"] < 1e-4
     assert results["settings"]["device"] in ("cpu", "cuda") and results["settings"]["load_average"]
+
+
+def test_peak_memory_measures_a_block_shorter_than_its_sampling_interval():
+    import bench
+
+    with bench.PeakMemory(interval=10.0) as peak:
+        pass  # ends long before the sampling thread's first tick
+    assert peak.peak_mb > 10  # this process alone holds torch: tens of MB at least
