@@ -15,11 +15,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+
+import hands
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,24 @@ class ImageDataset(Dataset):
             except (OSError, UnidentifiedImageError, ValueError) as err:
                 log.warning("Skipping unreadable image %s (%s)", path, err)
         raise DatasetError("No image in the dataset could be decoded.")
+
+
+class HandDataset(Dataset):
+    """The hands found in training or validation images as feature vectors (`hands.features`) and labels; with
+    `augment`, each hand is varied anew every time it is drawn (`hands.augment`)."""
+
+    def __init__(self, found: list[hands.Hand], labels: list[int], augment: bool):
+        self.found, self.labels, self.augment = found, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def __getitem__(self, index: int):
+        hand = self.found[index]
+        if self.augment:
+            # seeded by torch's per-worker RNG, which the loader seeds from the run's seed
+            hand = hands.augment(hand, np.random.default_rng(torch.randint(2**31, ()).item()))
+        return torch.from_numpy(hands.features(hand)), self.labels[index]
 
 
 class ShardSampler(Sampler[int]):

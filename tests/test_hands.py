@@ -1,0 +1,197 @@
+"""hands.py: finding the hand with MediaPipe, its per-image cache, features, and clear failures."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+import hands
+import image_io
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "asl"
+# frames in which MediaPipe finds the hand (checked when these tests were written)
+REAL_HANDS = ["train/A/A5.jpg", "external/B/1.jpg", "external/L/1.jpg"]
+needs_real = pytest.mark.skipif(not SHARED.is_dir(), reason="needs the real images in ../shared/asl")
+
+
+@pytest.fixture(scope="module")
+def finder():
+    with hands.HandFinder() as f:
+        yield f
+
+
+def _hand(handedness: str = "Right", seed: int = 0) -> hands.Hand:
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0.3, 0.7, (21, 3)).astype(np.float32)
+    return hands.Hand(points, rng.normal(0, 0.05, (21, 3)).astype(np.float32), handedness, 0.9)
+
+
+# ---------------------------------------------------------------------------------------------- real detection
+
+@needs_real
+@pytest.mark.parametrize("name", REAL_HANDS)
+def test_finds_the_hand_in_real_photos(finder, name):
+    hand = finder.find(image_io.load_rgb(SHARED / name))
+    assert hand is not None
+    assert hand.landmarks.shape == hand.world.shape == (21, 3)
+    x0, y0, x1, y1 = hand.box
+    assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    assert (x1 - x0) * (y1 - y0) > 0.02  # a hand, not a speck
+    assert hand.handedness in ("Left", "Right")
+
+
+@needs_real
+def test_a_mirrored_photo_gives_the_mirrored_hand(finder):
+    image = image_io.load_rgb(SHARED / REAL_HANDS[0])
+    hand, seen_mirrored = finder.find(image), finder.find(ImageOps.mirror(image))
+    expected = hand.mirrored()
+    assert seen_mirrored.handedness == expected.handedness != hand.handedness
+    # the detector is not exactly mirror-symmetric: points agree to about 1% of the image, 3% at worst
+    error = np.abs(seen_mirrored.landmarks[:, :2] - expected.landmarks[:, :2])
+    assert error.mean() < 0.015 and error.max() < 0.06
+    # and so the model sees the same hand either way
+    assert np.abs(hands.features(seen_mirrored) - hands.features(hand)).mean() < 0.1
+
+
+def test_no_hand_in_images_without_one(finder):
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    assert finder.find(Image.new("RGB", (200, 200), (120, 160, 200))) is None
+    assert finder.find(noise) is None
+
+
+@needs_real
+def test_no_hand_in_the_empty_scene(finder):
+    assert finder.find(image_io.load_rgb(SHARED / "train/nothing/nothing5.jpg")) is None
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+def test_mirrored_flips_x_and_handedness_and_is_its_own_inverse():
+    hand = _hand("Left")
+    mirrored = hand.mirrored()
+    assert mirrored.handedness == "Right"
+    np.testing.assert_allclose(mirrored.landmarks[:, 0], 1 - hand.landmarks[:, 0], atol=1e-6)
+    np.testing.assert_allclose(mirrored.landmarks[:, 1:], hand.landmarks[:, 1:])
+    np.testing.assert_allclose(mirrored.world[:, 0], -hand.world[:, 0])
+    np.testing.assert_allclose(mirrored.mirrored().landmarks, hand.landmarks, atol=1e-6)
+
+
+def test_features_ignore_position_size_and_which_hand():
+    hand = _hand("Right")
+    moved = hands.Hand(hand.landmarks * 0.5 + np.float32(0.2), hand.world * 2, "Right", 0.9)
+    np.testing.assert_allclose(hands.features(moved), hands.features(hand), atol=1e-4)
+    # a left hand reads as the right hand it mirrors
+    np.testing.assert_allclose(hands.features(hand.mirrored()), hands.features(hand), atol=1e-5)
+    assert hands.features(hand).shape == (hands.N_FEATURES,)
+    # but the hand's shape does count
+    assert np.abs(hands.features(_hand(seed=1)) - hands.features(hand)).max() > 0.1
+
+
+def test_augment_varies_the_hand_but_keeps_its_label():
+    hand = _hand("Right")
+    rng = np.random.default_rng(0)
+    varied = [hands.augment(hand, rng) for _ in range(20)]
+    assert all(v.handedness == "Right" for v in varied)
+    assert len({hands.features(v).round(3).tobytes() for v in varied}) == 20
+    size = np.linalg.norm(hand.landmarks[9, :2] - hand.landmarks[0, :2])
+    assert all(abs(np.linalg.norm(v.landmarks[9, :2] - v.landmarks[0, :2]) / size - 1) < 0.15 for v in varied)
+
+
+# ---------------------------------------------------------------------------------------------- per-image cache
+
+class CountingFinder:
+    """Stands in for HandFinder: a fixed hand for every image, counting the calls."""
+
+    def __init__(self, model_path: Path):
+        self.model_path, self.calls = model_path, 0
+
+    def find(self, image: Image.Image) -> hands.Hand | None:
+        self.calls += 1
+        return _hand() if image.getpixel((0, 0))[0] > 128 else None
+
+
+def test_find_hands_caches_per_file_and_notices_changes(tmp_path):
+    model = tmp_path / "model.task"
+    model.write_bytes(b"model one")
+    paths = []
+    for i, colour in enumerate([(200, 0, 0), (10, 0, 0), (250, 0, 0)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (32, 32), colour).save(paths[-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "bad.png"))
+    cache = tmp_path / "cache" / "found.npz"
+    finder = CountingFinder(model)
+
+    first = hands.find_hands(paths, finder, image_io.load_rgb, cache, progress=False)
+    assert [h is not None for h in first] == [True, False, True, False]
+    assert finder.calls == 3  # the unreadable file counts as no hand, without a search
+    again = hands.find_hands(paths, finder, image_io.load_rgb, cache, progress=False)
+    assert finder.calls == 3
+    np.testing.assert_array_equal(again[0].landmarks, first[0].landmarks)
+
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(paths[0])  # a changed file is searched again
+    os.utime(paths[0], ns=(1, 1))
+    assert hands.find_hands(paths, finder, image_io.load_rgb, cache, progress=False)[0] is None
+    assert finder.calls == 4
+
+    model.write_bytes(b"model two")  # another hand model invalidates everything
+    hands.find_hands(paths, finder, image_io.load_rgb, cache, progress=False)
+    assert finder.calls == 7
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path):
+    model = tmp_path / "model.task"
+    model.write_bytes(b"m")
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    cache = tmp_path / "found.npz"
+    cache.write_bytes(b"garbage")
+    finder = CountingFinder(model)
+    assert hands.find_hands([str(path)], finder, image_io.load_rgb, cache, progress=False)[0] is not None
+    assert finder.calls == 1
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+def test_missing_mediapipe_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # makes `import mediapipe` fail
+    with pytest.raises(hands.HandModelError, match="pip install"):
+        hands.HandFinder()
+
+
+def test_a_broken_model_file_is_named(tmp_path):
+    broken = tmp_path / "broken.task"
+    broken.write_bytes(b"this is not a model")
+    with pytest.raises(hands.HandModelError, match="broken.task"):
+        hands.HandFinder(broken)
+
+
+def test_a_missing_override_is_named(tmp_path):
+    with pytest.raises(hands.HandModelError, match="does not exist"):
+        hands.hand_model_path(tmp_path / "nope.task")
+
+
+def test_no_source_for_the_model_says_what_to_do(tmp_path, monkeypatch):
+    def offline():
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(hands, "_download_bundle", offline)
+    monkeypatch.setattr(hands, "_bundle_from_wheel", offline)
+    monkeypatch.delenv("ASL_HAND_MODEL", raising=False)
+    with pytest.raises(hands.HandModelError, match="--hand_model") as err:
+        hands.hand_model_path(cache_dir=tmp_path)
+    assert "Network is unreachable" in str(err.value)
+    assert not (tmp_path / hands.BUNDLE_NAME).exists()  # nothing half-written is left to be mistaken for a model
+
+
+def test_the_bundle_built_from_pypi_is_the_one_cached():
+    # the default path: fetched (from the web or PyPI) once, then reused; the finder above loaded it
+    import zipfile
+
+    path = hands.hand_model_path()
+    assert set(zipfile.ZipFile(path).namelist()) >= {"hand_detector.tflite", "hand_landmarks_detector.tflite"}
