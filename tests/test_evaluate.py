@@ -20,9 +20,10 @@ from sklearn.metrics import (accuracy_score, average_precision_score, classifica
 
 import data_loader
 import evaluate
+import image_io
 import model as models
 import predict
-import pt_engine
+import run_artifacts
 from conftest import SHARED_ASL, make_image_folder, requires_shared
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
@@ -136,7 +137,7 @@ def test_a_changed_data_folder_is_reported_and_only_held_out_files_are_scored(tr
     (data / split["val"][0]).unlink()
     run = tmp_path / "run"
     run.mkdir()
-    data_loader.save_json({**config, "data_root": str(data)}, run / "config.json")
+    run_artifacts.save_json({**config, "data_root": str(data)}, run / "config.json")
     shutil.copy(trained_run / "split.json", run)
 
     result = evaluate.load_validation_split(predict.load_predictor(trained_run), run)
@@ -149,7 +150,7 @@ def test_a_missing_training_data_folder_is_explained(trained_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     config = json.loads((run / "config.json").read_text())
-    data_loader.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
+    run_artifacts.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
     code, _, err = run_cli("--model_dir", str(run), "--out_dir", str(tmp_path / "out"))
     assert code == 2 and "is not on this machine" in err and "--test_dir" in err
 
@@ -190,12 +191,12 @@ def test_lite0_checkpoint_round_trips_through_evaluate(report, trained_run):
     rows = read_predictions(out)
     predictor = predict.load_predictor(trained_run)
     # 1. evaluate's batched path equals the shared predictor image by image
-    images = [data_loader.load_rgb(r["path"]) for r in rows]
+    images = [image_io.load_rgb(r["path"]) for r in rows]
     direct = predictor.predict(images)
     assert [predictor.classes[i] for i in direct.argmax(1)] == [r["predicted"] for r in rows]
     np.testing.assert_allclose(direct.max(1).values.numpy(), [float(r["probability"]) for r in rows], atol=1e-5)
     # 2. ... and a network rebuilt by hand from the checkpoint, without predict.py
-    ckpt = pt_engine.load_checkpoint(trained_run / "best.pt")
+    ckpt = run_artifacts.load_checkpoint(trained_run / "best.pt")
     assert ckpt["metadata"]["arch"] == "efficientnet_lite0"
     net = models.build_model("efficientnet_lite0", len(predictor.classes), weights="none")
     net.load_state_dict(ckpt["model"])
@@ -211,7 +212,7 @@ def test_pred_and_plot_image_titles_truth_prediction_and_probability(trained_run
     predictor = predict.load_predictor(trained_run)
     path = synthetic_dir / "B" / "B3.jpg"
     with torch.no_grad():  # a bare network has no calibrated temperature: its plain softmax
-        probs = torch.softmax(predictor.model(predictor.preprocess(data_loader.load_rgb(path))[None]), 1)[0]
+        probs = torch.softmax(predictor.model(predictor.preprocess(image_io.load_rgb(path))[None]), 1)[0]
     expected, p = predictor.classes[int(probs.argmax())], float(probs.max())
     # a bare network with its classes and transform settings, as after training in a notebook
     label, prob, ax = evaluate.pred_and_plot_image(predictor.model, path, predictor.classes,
@@ -252,7 +253,7 @@ def test_mirror_scores_the_mirrored_images(trained_run, synthetic_dir, tmp_path)
     samples = [(str(next((synthetic_dir / c).iterdir())), k) for k, c in enumerate("ABC")]
     plain, _, _ = evaluate.predict_samples(predictor, samples)
     mirrored, _, _ = evaluate.predict_samples(predictor, samples, mirror=True)
-    images = [ImageOps.mirror(data_loader.load_rgb(path)) for path, _ in samples]
+    images = [ImageOps.mirror(image_io.load_rgb(path)) for path, _ in samples]
     np.testing.assert_allclose(mirrored, predictor.predict(images).numpy(), atol=1e-6)
     assert not np.allclose(mirrored, plain, atol=1e-4)  # the synthetic shapes are not symmetric
     out = tmp_path / "out"

@@ -29,7 +29,7 @@ import log_experiment
 import predict
 import pt_train
 from conftest import ROOT
-from data_loader import load_rgb
+from image_io import load_rgb
 
 TINY = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img_size", "64", "--total_epochs", "2",
         "--batch_size", "8", "--num_workers", "0", "--val_split", "0.25", "--seed", "0"]

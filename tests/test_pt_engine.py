@@ -17,6 +17,7 @@ from torch import nn
 
 import data_loader as dl
 import pt_engine
+import run_artifacts
 from pt_train import find_free_port
 
 CFG = {"resize_size": 24, "crop_size": 24, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -53,10 +54,10 @@ def test_trainer_learns_and_writes_checkpoints(synthetic_dir, tmp_path):
     assert history[-1]["val_acc"] >= 0.9 > 1 / 3 + 0.2  # 3 classes: chance is 1/3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert json.loads((tmp_path / "history.json").read_text()) == history
-    ckpt = pt_engine.load_checkpoint(tmp_path / "last.pt")  # weights_only=True: no arbitrary unpickling
+    ckpt = run_artifacts.load_checkpoint(tmp_path / "last.pt")  # weights_only=True: no arbitrary unpickling
     assert ckpt["epoch"] == 6 and ckpt["metadata"] == {"classes": ["A", "B", "C"]}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "history"} <= set(ckpt)
-    best = pt_engine.load_checkpoint(tmp_path / "best.pt")
+    best = run_artifacts.load_checkpoint(tmp_path / "best.pt")
     assert best["best_val_loss"] == min(h["val_loss"] for h in history)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -66,7 +67,7 @@ def test_early_stopping_stops_after_patience(synthetic_dir, tmp_path):
     trainer = make_trainer(synthetic_dir, tmp_path, epochs=10, lr=0.0, patience=2)
     history = trainer.train()
     assert len(history) == 3 and trainer.bad_epochs == 2
-    assert pt_engine.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert run_artifacts.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
@@ -110,7 +111,7 @@ def test_ddp_ranks_agree_on_exact_global_metrics(tmp_path):
     assert figures(ranks[0]["history"]) == figures(ranks[1]["history"])  # every rank sees the global figures
     assert ranks[0]["val_shard"] + ranks[1]["val_shard"] == 9
     # the gathered figures equal a single-process evaluation of the saved weights on the whole validation set
-    ckpt = pt_engine.load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt = run_artifacts.load_checkpoint(tmp_path / "run" / "last.pt")
     single = make_trainer(root, tmp_path / "single")
     single.raw_model.load_state_dict(ckpt["model"])
     expected = single.evaluate()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import predict
-import pt_engine
 import pt_train
+import run_artifacts
 from conftest import ROOT, SHARED_ASL, make_image_folder, requires_shared
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
@@ -39,7 +39,7 @@ def test_training_run_writes_a_complete_model_folder(synthetic_dir, tmp_path):
     assert transform["crop_size"] == 32 and transform["arch"] == "efficientnet_b0"
     split = json.loads((out / "split.json").read_text())
     assert split["split_by"] == "block" and split["num_train"] + len(split["val"]) == 36
-    meta = pt_engine.load_checkpoint(out / "last.pt")["metadata"]
+    meta = run_artifacts.load_checkpoint(out / "last.pt")["metadata"]
     assert meta["arch"] == "efficientnet_b0" and meta["args"]["total_epochs"] == 2
     head = predict.load_predictor(out).model.classifier
     assert isinstance(head[0], torch.nn.Dropout) and head[0].p == 0.2 and head[1].out_features == 3
@@ -146,7 +146,7 @@ def test_run_killed_mid_epoch_resumes_to_a_complete_history(tmp_path):
     assert f"after epoch {killed_at}" in result.stderr
     history = json.loads(history_file.read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
-    assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 4
+    assert run_artifacts.load_checkpoint(out / "last.pt")["epoch"] == 4
 
 
 @requires_shared
