@@ -160,8 +160,8 @@ def read_checkpoint(path: Path) -> dict:
         raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py (not a PyTorch file, or one "
                              "holding objects other than tensors).") from None
     except (RuntimeError, OSError, EOFError) as err:  # torch's "not a zip archive", a truncated file
-        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                             f"{str(err)[:200]}).") from None
+        raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py (not a readable PyTorch file: "
+                             f"{type(err).__name__}: {str(err)[:200]}).") from None
     try:
         return run_artifacts.check_checkpoint(ckpt)
     except run_artifacts.CheckpointError as err:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import pt_train
@@ -65,6 +66,15 @@ def test_bad_input_exits_2_with_one_clear_line(synthetic_dir, tmp_path, capsys, 
     assert pt_train.main([*make_args(synthetic_dir, tmp_path), "--save_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_decompression_bomb_in_the_data_is_skipped_and_counted(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    Image.new("1", (14000, 14000)).save(data / "A" / "A99.png")  # 196 megapixels, tens of KB on disk
+    assert pt_train.main(["--xtrain_path", str(data), "--save_dir", str(tmp_path / "run"), "--total_epochs", "1",
+                          *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "1 file(s) skipped" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -166,3 +176,35 @@ def test_short_run_on_real_asl_images(tmp_path):
                           "--num_workers", "0", "--val_split", "0.2"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["val_acc"] > 0.5  # chance is 0.25
+
+
+def _weights_and_history(run: Path) -> tuple[dict, list[dict]]:
+    ckpt = run_artifacts.load_checkpoint(run / "last.pt")
+    return ckpt["model"], [{k: v for k, v in h.items() if k != "time_s"} for h in ckpt["history"]]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_an_uninterrupted_one_under_the_defaults(tmp_path):
+    # the CLI defaults that matter: loader workers (persistent across epochs) and augmentation on
+    data = make_image_folder(tmp_path / "data", per_class=30, size=24)
+    args = ["--xtrain_path", str(data), "--total_epochs", "3", "--batch_size", "4", "--weights", "none",
+            "--img_size", "24", "--num_workers", "2", "--augment", "--no-calibrate"]
+    assert cli(*args, "--save_dir", str(tmp_path / "whole")).returncode == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "pt_train.py", *args, "--save_dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history_file, deadline = out / "history.json", time.time() + 600
+    while time.time() < deadline and not history_file.exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2
+    assert proc.poll() is None, "training finished before it could be killed; give it more work"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(json.loads(history_file.read_text())) == 1, "not killed during epoch 2; give it more work"
+    result = cli(*args, "--save_dir", str(out), "--resume")
+    assert result.returncode == 0 and "after epoch 1" in result.stderr, result.stderr[-3000:]
+    (whole, whole_history), (resumed, resumed_history) = _weights_and_history(tmp_path / "whole"), _weights_and_history(out)
+    assert resumed_history == whole_history and len(whole_history) == 3
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
