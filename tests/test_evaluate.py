@@ -221,10 +221,6 @@ def test_pred_and_plot_image_titles_truth_prediction_and_probability(trained_run
     assert ax.get_title() == f"true B\npred {expected} ({p:.2f})"
     assert ax.title.get_color() == ("tab:green" if expected == "B" else "tab:red")
     assert len(ax.get_images()) == 1
-    # --samples K draws K of these into one figure
-    items = [(str(synthetic_dir / c / f"{c}1.jpg"), c) for c in "ABC"]
-    fig = evaluate.plot_predictions(predictor, items, "3 random images")
-    assert [a.get_title().split("\n")[0] for a in fig.axes if a.get_images()] == ["true A", "true B", "true C"]
 
 
 # ------------------------------------------------------------------------------------------- test folders
@@ -261,6 +257,26 @@ def test_mirror_scores_the_mirrored_images(trained_run, synthetic_dir, tmp_path)
                            "--samples", "0", "--mirror")
     assert code == 0, err
     assert any("mirrored" in note for note in json.loads((out / "metrics.json").read_text())["notes"])
+
+
+def test_mirror_figures_show_the_predictions_of_the_csv_from_one_pass(trained_run, synthetic_dir, tmp_path,
+                                                                       monkeypatch):
+    figures, predicted = {}, []
+    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    batch = predict.Predictor.predict_batch
+    monkeypatch.setattr(predict.Predictor, "predict_batch",
+                        lambda self, images: (predicted.append(len(images)), batch(self, images))[1])
+    out = tmp_path / "out"
+    code, _, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(synthetic_dir), "--out_dir", str(out),
+                           "--samples", "36", "--mirror")
+    assert code == 0, err
+    rows = {r["path"]: r for r in read_predictions(out)}
+    assert sum(predicted) == len(rows) == 36  # every image through the model once, figures included
+    shown = [ax for name in ("samples.png", "misclassified.png") for ax in figures[name].axes if ax.get_images()]
+    assert len(shown) >= 36
+    titles = {ax.get_title() for ax in shown}
+    expected = {f"true {r['true']}\npred {r['predicted']} ({float(r['probability']):.2f})" for r in rows.values()}
+    assert titles <= expected and len(titles & expected) >= 2
 
 
 def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_dir, tmp_path, monkeypatch):
