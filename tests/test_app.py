@@ -19,7 +19,6 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 import app
-import log_experiment
 import model as models
 import predict
 from conftest import ROOT, make_image_folder
