@@ -25,6 +25,7 @@ import model as models
 import predict
 import run_artifacts
 from conftest import SHARED_ASL, make_image_folder, requires_shared
+from errors import UsageError
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
            "training_curves.png", "misclassified.png", "samples.png")
@@ -289,7 +290,7 @@ def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_
             raise fake.TrackingError("Could not add the evaluation to MLflow run no-such-run.")
 
     fake = types.ModuleType("log_experiment")
-    fake.TrackingError = type("TrackingError", (RuntimeError,), {})
+    fake.TrackingError = type("TrackingError", (UsageError,), {})  # as the real one: a UsageError
     fake.log_evaluation = log_evaluation
     monkeypatch.setitem(sys.modules, "log_experiment", fake)
     out = tmp_path / "out"
