@@ -9,7 +9,8 @@ Configuration (command line after `--`, else environment, else default):
 
 The page code stays thin: decoding with limits, the "unsure" decision, the model's own view of the image, the
 Grad-CAM map and the model facts are small functions here that the tests call directly. Prediction itself is
-predict.py's (`load_predictor`, `Predictor`), decoding to upright RGB is `data_loader.load_rgb`.
+predict.py's (`load_predictor`, `Predictor`); what counts as a readable image, and decoding it to upright RGB,
+is image_io.py's, as everywhere else.
 """
 from __future__ import annotations
 
@@ -18,10 +19,8 @@ import html
 import io
 import logging
 import os
-import struct
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -36,12 +35,13 @@ from PIL import Image, ImageOps
 from torch import nn
 
 import data_loader
+import image_io
 import predict
 
 log = logging.getLogger("app")
 
 DEFAULT_MODEL = "runs/latest"
-UPLOAD_TYPES = [ext.lstrip(".") for ext in data_loader.IMG_EXTENSIONS]
+UPLOAD_TYPES = [ext.lstrip(".") for ext in image_io.IMG_EXTENSIONS]
 MAX_UPLOAD_MB = 20
 # Refused before decoding: a 50-megapixel phone photo still passes, while a small file that claims gigapixels
 # (a "decompression bomb") never gets to allocate its pixels.
@@ -52,8 +52,6 @@ MAX_SIDE = 1024
 TOP_K = 5
 # The model is shared by every session (st.cache_resource), and Grad-CAM hooks into it: one map at a time.
 _CAM_LOCK = threading.Lock()
-# PIL raises all of these for damaged files, depending on the format and where the damage is.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 class InputError(ValueError):
@@ -98,8 +96,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     if width * height > MAX_PIXELS:
         raise InputError(_too_large(name, f"{width}x{height} pixels"))
     try:
-        image = data_loader.load_rgb(io.BytesIO(data))
-    except DECODE_ERRORS:
+        image = image_io.load_rgb(io.BytesIO(data))
+    except image_io.ImageError:
         raise InputError(f"'{name}' could not be decoded: the file is truncated or damaged. "
                          "Save or export it again and upload the new file.") from None
     image.thumbnail((MAX_SIDE, MAX_SIDE))
@@ -109,14 +107,10 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 def _image_size(data: bytes, name: str) -> tuple[int, int]:
     """Width and height from the header alone: nothing is decoded yet."""
     try:
-        # PIL only warns up to twice its own pixel limit; treat its warning as the refusal it stands for
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                return probe.size
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return image_io.read_size(io.BytesIO(data))
+    except image_io.ImageTooLarge:
         raise InputError(_too_large(name, "more pixels than PIL's safety limit")) from None
-    except DECODE_ERRORS:
+    except image_io.ImageError:
         raise InputError(f"'{name}' is not an image this app can read. Upload a photo of a hand sign as "
                          f"{', '.join(UPLOAD_TYPES)}.") from None
 
@@ -166,7 +160,7 @@ def model_info(predictor: predict.Predictor) -> dict[str, str]:
 def example_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside `folder`, sorted by name."""
     return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in data_loader.IMG_EXTENSIONS)
+                  if p.is_file() and p.suffix.lower() in image_io.IMG_EXTENSIONS)
 
 
 def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray | None:

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from queue import Empty
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,16 @@ from torch.utils.data import DataLoader
 
 import data_loader
 import image_cache
+import image_io
 import model as models
 import predict
 import pt_engine
+import run_artifacts
 
 Run = Callable[[], int]  # one timed repetition; returns how many images it handled
 Variants = dict[str, Callable[[], Run]]  # name -> builds that variant (models, loaders, caches) and its Run
 BASELINE, OURS = "baseline", "ours"
+PROBE_TIMEOUT_S = 1800  # one variant's run in a fresh process; far more than any takes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU to finish what was queued, so that a clock read afterwards times the work itself."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
 
 def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -164,8 +174,12 @@ def training_variants(batch: tuple[torch.Tensor, torch.Tensor], cfg: dict, args:
         trainer = pt_engine.CustomTrainer(net, [], [], nn.CrossEntropyLoss(), optimizer, gpu, save_dir, 1, 1,
                                           num_classes=num_classes, **options)
         trainer.model.train()
-        # run_batch ends with loss.item(), which waits for the GPU: the timing covers the whole step
-        return lambda: (trainer.run_batch(*batch), len(batch[1]))[1]
+
+        def run() -> int:
+            trainer.run_batch(*batch)
+            synchronize(args.device)  # run_batch only queues the GPU's work: time it done, not launched
+            return len(batch[1])
+        return run
 
     gpu = 0 if args.device == "cuda" else None
     return {BASELINE: step, OURS: lambda: step(channels_last=True, amp=gpu is not None)}
@@ -185,7 +199,7 @@ def save_checkpoint(path: Path, arch: str, classes: list[str], cfg: dict, images
     with torch.no_grad():
         net(images)
     meta = {"arch": arch, "num_classes": len(classes), "classes": classes, "transform": cfg}
-    pt_engine.atomic_torch_save({"model": net.state_dict(), "metadata": meta}, path)
+    run_artifacts.save_checkpoint({"model": net.state_dict(), "metadata": meta}, path)
 
 
 def load_predictor(checkpoint: Path, variant: str) -> predict.Predictor:
@@ -229,10 +243,30 @@ def peak_memory(phase: str, setup: dict) -> dict[str, dict[str, float | None]]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_probe, args=(phase, variant, setup, queue))
         proc.start()
-        rss, gpu = queue.get()
-        proc.join()
+        try:
+            rss, gpu = probe_result(queue, proc, f"{phase} {variant}")
+        finally:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
         out[variant] = {"rss_mb": rss, "gpu_mb": gpu}
     return out
+
+
+def probe_result(queue, proc, what: str, timeout: float = PROBE_TIMEOUT_S):
+    """What the probe process `proc` puts on `queue`; a RuntimeError, not a hang, when it dies or stalls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1)
+        except Empty:
+            if not proc.is_alive():
+                try:  # it may have put its result just before exiting
+                    return queue.get(timeout=1)
+                except Empty:
+                    raise RuntimeError(f"The memory probe of {what} crashed (exit code {proc.exitcode}); its "
+                                       "error is printed above.") from None
+    raise RuntimeError(f"The memory probe of {what} gave no result within {timeout:.0f} s.")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -316,7 +350,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     start = time.perf_counter()
     found[OURS] = load_predictor(checkpoint, OURS)
     export_s = time.perf_counter() - start
-    image = data_loader.load_rgb(samples[0][0])
+    image = image_io.load_rgb(samples[0][0])
     res = interleaved({v: latency_run(p, image) for v, p in found.items()}, args.latency_reps, warmup=2)
     for q, name in ((50, "p50"), (95, "p95")):
         base, ours = (float(np.percentile(res[v][0], q)) * 1e3 for v in (BASELINE, OURS))
@@ -324,7 +358,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     # both variants share the preprocessing code: timed once, to show its share of the latency
     pre = interleaved({"preprocess": lambda: len(found[OURS].preprocess(image))}, args.latency_reps)
     preprocess_ms = statistics.median(pre["preprocess"][0]) * 1e3
-    inputs = torch.stack([found[OURS].preprocess(data_loader.load_rgb(p)) for p, _ in samples[:args.batch_size]])
+    inputs = torch.stack([found[OURS].preprocess(image_io.load_rgb(p)) for p, _ in samples[:args.batch_size]])
     res = interleaved({v: (lambda p=p: len(p.predict_batch(inputs))) for v, p in found.items()}, args.reps)
     figures["batch_inference_images_per_s"] = figure(f"images/s, batch {len(inputs)}", median_rate(*res[BASELINE]),
                                                      median_rate(*res[OURS]), "higher")
@@ -378,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(json.dumps(results, indent=2))
     if args.json:
-        data_loader.save_json(results, args.json)
+        run_artifacts.save_json(results, args.json)
     return 0
 
 

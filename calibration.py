@@ -6,8 +6,12 @@ changes confidence, never the predicted class. The fitted value is stored with t
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
+
+CROSS_FIT_BLOCKS = 10  # runs of consecutive images that alternate between the folds when no groups are given
 
 
 def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -45,21 +49,41 @@ def collect_logits(model: torch.nn.Module, loader, device: torch.device | str = 
     return torch.cat(logits), torch.cat(targets)
 
 
-def calibrate(model: torch.nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+def cross_fit_folds(n: int, groups: Sequence[Hashable] | None = None) -> torch.Tensor:
+    """Which of `n` images fall in the first of two cross-fitting folds (a bool mask).
+
+    Images of one group (e.g. the split's block of consecutive video frames, near-duplicates of each other)
+    always share a fold, the groups alternating between the two; without groups, CROSS_FIT_BLOCKS runs of
+    consecutive images do, since a frame-ordered validation set has its near-duplicates side by side.
+    """
+    if groups is None:
+        groups = [i * CROSS_FIT_BLOCKS // max(n, 1) for i in range(n)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} images")
+    position = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+    return torch.tensor([position[g] % 2 == 0 for g in groups], dtype=torch.bool)
+
+
+def calibrate(model: torch.nn.Module, loader, device: torch.device | str = "cpu",
+              groups: Sequence[Hashable] | None = None) -> dict:
     """Fit a temperature on `loader`, and keep it only if it lowers the calibration error on images it was not
     fitted on.
 
-    The ECE after scaling is measured by 2-fold cross-fitting (fit on half the images, measure on the other
-    half, both ways), since a temperature fitted and scored on the same images flatters itself. Fitting
-    minimises NLL, which does not always lower ECE (an under-confident model trained with label smoothing,
-    a tiny validation set); then the temperature stays 1.
+    The ECE after scaling is measured by 2-fold cross-fitting (fit on one fold, measure on the other, both
+    ways), since a temperature fitted and scored on the same images flatters itself; the folds keep each of
+    `groups` (one per image, in the loader's order) together, see `cross_fit_folds`. Fitting minimises NLL,
+    which does not always lower ECE (an under-confident model trained with label smoothing, a tiny validation
+    set); then the temperature stays 1.
     """
     logits, targets = collect_logits(model, loader, device)
-    fold = torch.arange(len(targets)) % 2 == 0
-    scaled = torch.empty_like(logits)
-    for held_out in (fold, ~fold):
-        scaled[held_out] = logits[held_out] / fit_temperature(logits[~held_out], targets[~held_out])
+    fold = cross_fit_folds(len(targets), groups)
     ece_before = expected_calibration_error(logits, targets)
+    if fold.all() or not fold.any():  # one group only: nothing to measure a fitted temperature on
+        scaled = logits
+    else:
+        scaled = torch.empty_like(logits)
+        for held_out in (fold, ~fold):
+            scaled[held_out] = logits[held_out] / fit_temperature(logits[~held_out], targets[~held_out])
     ece_scaled = expected_calibration_error(scaled, targets)
     applied = ece_scaled < ece_before
     temperature = fit_temperature(logits, targets) if applied else 1.0

@@ -6,7 +6,6 @@ recomputes exactly the split that training used.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -17,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 import hands
+import image_io
+from errors import UsageError
 
 log = logging.getLogger(__name__)
 
 KAGGLE_DATASET = "grassknoted/asl-alphabet"
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Consecutive video frames are near-duplicates: a block split holds out runs of frames, not single frames.
 SPLIT_BLOCKS_PER_CLASS = 20
 _FRAME_NUMBER = re.compile(r"(\d+)$")
@@ -35,7 +34,7 @@ _FRAME_NUMBER = re.compile(r"(\d+)$")
 Sample = tuple[str, int]
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UsageError):
     """A dataset problem the user can fix; the message says how."""
 
 
@@ -67,16 +66,15 @@ def resolve_train_dir(path: str | os.PathLike) -> Path:
 
 
 def is_image_file(path: Path) -> bool:
-    """Cheap check that a file is a readable image: extension, non-empty, and a header PIL understands."""
-    if path.suffix.lower() not in IMG_EXTENSIONS:
+    """Cheap check that a file is a usable image by image_io's policy: an image extension and a header that
+    reads (size within the pixel limit); the pixels are decoded later, by the dataset."""
+    if path.suffix.lower() not in image_io.IMG_EXTENSIONS:
         return False
     try:
-        if path.stat().st_size == 0:
-            return False
-        with Image.open(path) as im:
-            return im.width > 0 and im.height > 0
-    except (OSError, UnidentifiedImageError, ValueError):
+        image_io.read_size(path)
+    except image_io.ImageError:
         return False
+    return True
 
 
 @dataclass
@@ -102,7 +100,7 @@ def scan_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageLis
                 continue
             (samples.append((str(path), index)) if is_image_file(path) else skipped.append(str(path)))
     if not samples:
-        raise DatasetError(f"No readable images under '{root}' (looked for {', '.join(IMG_EXTENSIONS)}).")
+        raise DatasetError(f"No readable images under '{root}' (looked for {', '.join(image_io.IMG_EXTENSIONS)}).")
     empty = [c for i, c in enumerate(classes) if not any(label == i for _, label in samples)]
     if empty:
         raise DatasetError(f"Class folder(s) with no readable image in '{root}': {', '.join(empty)}. "
@@ -157,6 +155,35 @@ def resolve_split_by(samples: list[Sample], split_by: str) -> str:
     return "block" if all(frame_number(p) is not None for p, _ in samples) else "random"
 
 
+def _class_blocks(samples: list[Sample], idx: list[int], split_by: str) -> list[list[int]]:
+    """One class's samples (`idx`) cut into the units a split holds out: SPLIT_BLOCKS_PER_CLASS runs of
+    consecutive frames (`block`), or single images (`random`)."""
+    if split_by == "random":
+        return [[i] for i in idx]
+    idx = sorted(idx, key=lambda i: (frame_number(samples[i][0]) or 0, samples[i][0]))
+    n_blocks = min(SPLIT_BLOCKS_PER_CLASS, len(idx))
+    return [idx[len(idx) * b // n_blocks: len(idx) * (b + 1) // n_blocks] for b in range(n_blocks)]
+
+
+def _by_class(samples: list[Sample]) -> dict[int, list[int]]:
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, (_, label) in enumerate(samples):
+        by_class[label].append(i)
+    return by_class
+
+
+def block_ids(samples: list[Sample], split_by: str = "auto") -> list[int]:
+    """The block of every sample (see `split_samples`): images of one block are near-duplicates, so anything
+    fitted on some images and measured on others (calibration's cross-fitting) keeps blocks together."""
+    split_by = resolve_split_by(samples, split_by)
+    ids = [0] * len(samples)
+    blocks = (block for _, idx in sorted(_by_class(samples).items()) for block in _class_blocks(samples, idx, split_by))
+    for n, block in enumerate(blocks):
+        for i in block:
+            ids[i] = n
+    return ids
+
+
 def split_samples(samples: list[Sample], val_split: float, seed: int, split_by: str = "auto") -> tuple[list[int], list[int]]:
     """Stratified, seeded train/validation split; returns sorted index lists into `samples`.
 
@@ -170,18 +197,11 @@ def split_samples(samples: list[Sample], val_split: float, seed: int, split_by: 
     if split_by not in ("block", "random"):
         raise DatasetError(f"Unknown split '{split_by}': use auto, block or random.")
     rng = random.Random(seed)
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, (_, label) in enumerate(samples):
-        by_class[label].append(i)
+    by_class = _by_class(samples)
     val: list[int] = []
     for label in sorted(by_class):
-        idx = by_class[label]
-        if split_by == "block":
-            idx = sorted(idx, key=lambda i: (frame_number(samples[i][0]) or 0, samples[i][0]))
-            n_blocks = min(SPLIT_BLOCKS_PER_CLASS, len(idx))
-            blocks = [idx[len(idx) * b // n_blocks: len(idx) * (b + 1) // n_blocks] for b in range(n_blocks)]
-        else:
-            blocks = [[i] for i in idx]
+        blocks = _class_blocks(samples, by_class[label], split_by)
+        if split_by == "random":
             rng.shuffle(blocks)
         n_val = round(val_split * len(blocks))
         n_val = min(max(n_val, 1), len(blocks) - 1) if len(blocks) > 1 else 0
@@ -245,37 +265,7 @@ def train_transform(cfg: dict, augment: bool, hflip: bool = False) -> T.Compose:
     ])
 
 
-def save_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write a file atomically (temp file then rename), so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_json(obj, path: str | os.PathLike) -> None:
-    """Write JSON atomically (see `save_bytes`)."""
-    save_bytes(json.dumps(obj, indent=2).encode(), path)
-
-
-def load_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
-
-
 # ---------------------------------------------------------------------------------------------- datasets
-
-def load_rgb(path_or_file) -> Image.Image:
-    """Open an image as upright RGB (EXIF rotation applied; grayscale, RGBA, CMYK and 16-bit converted)."""
-    with Image.open(path_or_file) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale: scale to 8 bits first, a plain convert("RGB") would clip to white
-            im = im.point(lambda v: v / 256).convert("L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, rgba)
-        return im.convert("RGB")
 
 
 class ImageDataset(Dataset):
@@ -293,9 +283,9 @@ class ImageDataset(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self.transform(load_rgb(path)), label
-            except (OSError, UnidentifiedImageError, ValueError) as err:
-                log.warning("Skipping unreadable image %s (%s)", path, err)
+                return self.transform(image_io.load_rgb(path)), label
+            except image_io.ImageError as err:
+                log.warning("Skipping unreadable image: %s", err)
         raise DatasetError("No image in the dataset could be decoded.")
 
 
@@ -312,7 +302,7 @@ class HandDataset(Dataset):
     def __getitem__(self, index: int):
         hand = self.found[index]
         if self.augment:
-            # seeded by torch's per-worker RNG, which the loader seeds from the run's seed
+            # torch's RNG: the training loader seeds it per image and epoch (SeededDataset)
             hand = hands.augment(hand, np.random.default_rng(torch.randint(2**31, ()).item()))
         return torch.from_numpy(hands.features(hand)), self.labels[index]
 
@@ -334,9 +324,55 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; python's random must follow it for reproducibility
-    random.seed(torch.initial_seed() % 2**32)
+def augmentation_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """The seed of one image's random augmentation in one epoch: a function of these four numbers only."""
+    return int(np.random.SeedSequence([seed, rank, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """A training sampler whose indices come paired with their `augmentation_seed` for the current epoch.
+
+    Loader workers hold their own RNG, seeded once when they start, and persistent workers live across
+    epochs: a run resumed after a kill would otherwise replay the first epoch's augmentations instead of
+    continuing. Seeding each image from (seed, rank, epoch, index) makes its augmentation independent of
+    which worker draws it and of how long that worker has lived.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int, rank: int):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in self.sampler:
+            yield index, augmentation_seed(self.seed, self.rank, self.epoch, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """`dataset` indexed by (index, seed): the item is made with torch's and python's RNGs seeded by `seed`
+    (torchvision's random transforms draw from torch's), and the caller's RNG state is left as it was."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0, world_size: int = 1,
@@ -344,20 +380,25 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0
     """A DataLoader for one split.
 
     Training always uses a DistributedSampler (also on one process): its shuffle depends only on seed and epoch,
-    so a resumed run sees the same order as an uninterrupted one. Evaluation takes an unpadded shard per rank.
+    and every image's augmentation on (seed, rank, epoch, index) (`SeededSampler`), so a resumed run sees the
+    same batches as an uninterrupted one, with or without workers. Evaluation takes an unpadded shard per rank.
     A dataset with a `finish_transform` gets it applied to the images of each batch (see `FinishingLoader`).
     """
+    finish = getattr(dataset, "finish_transform", None)
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler = SeededSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                   seed=seed), seed, rank)
+        dataset = SeededDataset(dataset)
     else:
         sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+    # the loader draws its workers' base seeds from this generator: without one it would draw from the global
+    # RNG, which a resumed run restores from its checkpoint, at a different point than an uninterrupted run
     generator = torch.Generator().manual_seed(seed + rank)
     # a last training batch of one image breaks BatchNorm; dropping the remainder costs < 1 batch per epoch
     drop_last = train and len(sampler) > batch_size
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last,
-                        worker_init_fn=_seed_worker, generator=generator)
-    finish = getattr(dataset, "finish_transform", None)
+                        generator=generator)
     return FinishingLoader(loader, finish) if finish else loader
 
 
@@ -403,6 +444,7 @@ class Splits:
     val_samples: list[Sample]
     split_by: str
     skipped: list[str]
+    val_blocks: list[int]  # the split block of each validation sample (`block_ids`)
 
 
 def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: int = 0, split_by: str = "auto",
@@ -411,6 +453,7 @@ def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: 
     train_idx, val_idx = split_samples(images.samples, val_split, seed, split_by)
     train_samples = [images.samples[i] for i in train_idx]
     val_samples = [images.samples[i] for i in val_idx]
+    blocks = block_ids(images.samples, split_by)
     return Splits(ImageDataset(train_samples, train_transform(cfg, augment, hflip)),
                   ImageDataset(val_samples, eval_transform(cfg)), images.classes, train_samples, val_samples,
-                  resolve_split_by(images.samples, split_by), images.skipped)
+                  resolve_split_by(images.samples, split_by), images.skipped, [blocks[i] for i in val_idx])

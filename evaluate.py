@@ -28,12 +28,13 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, average_precision_score,
                              classification_report, confusion_matrix, precision_recall_curve, roc_auc_score,
                              roc_curve, top_k_accuracy_score)
@@ -43,8 +44,11 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import data_loader
+import image_io
 import predict
+import run_artifacts
 from data_loader import DatasetError, Sample
+from errors import UsageError
 
 log = logging.getLogger("evaluate")
 
@@ -53,10 +57,6 @@ TOP_K = 3
 N_CONFUSED_PAIRS = 10
 N_WORST = 16
 DPI = 110
-
-
-class UsageError(RuntimeError):
-    """A problem with the command line that the user fixes; reported without traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,7 +123,7 @@ def _run_file(run_dir: Path | None, name: str):
     if run_dir is None or not (run_dir / name).is_file():
         return None
     try:
-        return data_loader.load_json(run_dir / name)
+        return run_artifacts.load_json(run_dir / name)
     except ValueError:
         raise DatasetError(f"{run_dir / name} is not valid JSON; restore it from the training run.") from None
 
@@ -189,9 +189,9 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         try:
-            return self.transform(data_loader.load_rgb(self.paths[i])), i
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            log.warning("Skipping unreadable image %s (%s)", self.paths[i], err)
+            return self.transform(image_io.load_rgb(self.paths[i])), i
+        except image_io.ImageError as err:
+            log.warning("Skipping unreadable image: %s", err)
             return None, i
 
 
@@ -288,7 +288,7 @@ def most_confused(confusion: np.ndarray, classes: list[str], n: int = N_CONFUSED
 def save_figure(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    data_loader.save_bytes(buffer.getvalue(), path)
+    run_artifacts.save_bytes(buffer.getvalue(), path)
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], normalize: bool) -> Figure:
@@ -393,20 +393,27 @@ def pred_and_plot_image(model: nn.Module | predict.Predictor, image_path: str | 
         raise TypeError("pred_and_plot_image needs class_names and transform with a bare network")
     else:
         predictor = predict.Predictor(model, list(class_names), transform, next(model.parameters()).device)
-    image = data_loader.load_rgb(image_path)
+    image = image_io.load_rgb(image_path)
     label, probability = predictor.top_k(image, k=1)[0]
     if ax is None:
         ax = Figure(figsize=(4, 4.4), layout="constrained").subplots()
-    ax.imshow(image)
+    plot_prediction(ax, image_path, true_label, label, probability)
+    return label, probability, ax
+
+
+def plot_prediction(ax: Axes, image_path: str | os.PathLike, true_label: str | None, label: str,
+                    probability: float) -> None:
+    """An image as stored, titled with its ground truth (when given) and a prediction made elsewhere."""
+    ax.imshow(image_io.load_rgb(image_path))
     ax.set_axis_off()
     colour = "black" if true_label is None else ("tab:green" if label == true_label else "tab:red")
     truth = "" if true_label is None else f"true {true_label}\n"
     ax.set_title(f"{truth}pred {label} ({probability:.2f})", color=colour, fontsize=9)
-    return label, probability, ax
 
 
-def plot_predictions(predictor: predict.Predictor, items: list[tuple[str, str]], title: str) -> Figure:
-    """A grid of images, each titled by `pred_and_plot_image`; a note when there is nothing to show."""
+def plot_predictions(items: list[Prediction], title: str) -> Figure:
+    """A grid of scored images, each titled with its truth and the prediction it got in the report (never a
+    new one); a note when there is nothing to show."""
     cols = max(1, min(4, len(items)))
     rows = max(1, math.ceil(len(items) / cols))
     width, height = 2.6 * cols + 0.4, 3.0 * rows + 0.5
@@ -414,8 +421,8 @@ def plot_predictions(predictor: predict.Predictor, items: list[tuple[str, str]],
     fig.subplots_adjust(left=0.2 / width, right=1 - 0.2 / width, bottom=0.1 / height, top=1 - 0.9 / height,
                         wspace=0.1, hspace=0.25)  # fixed margins: constrained layout is slow with many images
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (path, truth) in zip(axes.flat, items):
-        pred_and_plot_image(predictor, path, true_label=truth, ax=ax)
+    for ax, (path, truth, label, probability) in zip(axes.flat, items):
+        plot_prediction(ax, path, truth, label, probability)
     for ax in axes.flat[len(items):]:
         ax.set_axis_off()
     if not items:
@@ -425,6 +432,14 @@ def plot_predictions(predictor: predict.Predictor, items: list[tuple[str, str]],
 
 
 # ------------------------------------------------------------------------------------------- the report
+
+class Prediction(NamedTuple):
+    """One scored image: its path, true class, predicted class and the predicted class's probability."""
+    path: str
+    true: str
+    predicted: str
+    probability: float
+
 
 @dataclass
 class Evaluation:
@@ -441,22 +456,24 @@ class Evaluation:
     def y_true(self) -> np.ndarray:
         return np.array([label for _, label in self.samples])
 
-    def worst(self, n: int = N_WORST) -> list[tuple[str, str, str, float]]:
-        """The misclassified images the model was surest of: (path, true, predicted, probability)."""
+    def predictions(self) -> list[Prediction]:
+        """Every scored image with its prediction: the one source of predictions.csv and the figures."""
         classes, pred = self.predictor.classes, self.probs.argmax(axis=1)
-        wrong = [i for i, (_, label) in enumerate(self.samples) if pred[i] != label]
-        wrong.sort(key=lambda i: -self.probs[i, pred[i]])
-        return [(self.samples[i][0], classes[self.samples[i][1]], classes[pred[i]], float(self.probs[i, pred[i]]))
-                for i in wrong[:n]]
+        return [Prediction(path, classes[label], classes[p], float(row[p]))
+                for (path, label), p, row in zip(self.samples, pred, self.probs)]
+
+    def worst(self, n: int = N_WORST) -> list[Prediction]:
+        """The misclassified images the model was surest of."""
+        wrong = [p for p in self.predictions() if p.predicted != p.true]
+        return sorted(wrong, key=lambda p: -p.probability)[:n]
 
 
 def _predictions_csv(ev: Evaluation) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "true", "predicted", "probability", "correct"])
-    classes, pred = ev.predictor.classes, ev.probs.argmax(axis=1)
-    for (path, label), p, row in zip(ev.samples, pred, ev.probs):
-        writer.writerow([path, classes[label], classes[p], f"{row[p]:.6f}", int(p == label)])
+    for p in ev.predictions():
+        writer.writerow([p.path, p.true, p.predicted, f"{p.probability:.6f}", int(p.predicted == p.true)])
     return buffer.getvalue()
 
 
@@ -513,23 +530,22 @@ def write_report(ev: Evaluation, out_dir: Path, samples: int, seed: int, argv: l
     """Every file of the report, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, classes = ev.scores, ev.predictor.classes
-    data_loader.save_json(scores.metrics, out_dir / "metrics.json")
-    data_loader.save_json(scores.report, out_dir / "classification_report.json")
-    data_loader.save_bytes(scores.report_text.encode(), out_dir / "classification_report.txt")
-    data_loader.save_bytes(_predictions_csv(ev).encode(), out_dir / "predictions.csv")
+    run_artifacts.save_json(scores.metrics, out_dir / "metrics.json")
+    run_artifacts.save_json(scores.report, out_dir / "classification_report.json")
+    run_artifacts.save_bytes(scores.report_text.encode(), out_dir / "classification_report.txt")
+    run_artifacts.save_bytes(_predictions_csv(ev).encode(), out_dir / "predictions.csv")
     save_figure(plot_confusion(scores.confusion, classes, normalize=False), out_dir / "confusion_matrix.png")
     save_figure(plot_confusion(scores.confusion, classes, normalize=True), out_dir / "confusion_matrix_normalized.png")
     for kind in _CURVES:
         save_figure(plot_per_class_curves(kind, ev.y_true, ev.probs, classes, scores.metrics),
                     out_dir / f"{kind}_curves.png")
     save_figure(plot_history(ev.history), out_dir / "training_curves.png")
-    worst = [(path, truth) for path, truth, _, _ in ev.worst()]
-    save_figure(plot_predictions(ev.predictor, worst, "Misclassified images, most confident first"),
+    save_figure(plot_predictions(ev.worst(), "Misclassified images, most confident first"),
                 out_dir / "misclassified.png")
-    picked = random.Random(seed).sample(ev.samples, min(samples, len(ev.samples)))
-    save_figure(plot_predictions(ev.predictor, [(p, classes[label]) for p, label in picked],
-                                 f"{len(picked)} random images"), out_dir / "samples.png")
-    data_loader.save_bytes(report_markdown(ev, argv).encode(), out_dir / "report.md")
+    predictions = ev.predictions()
+    picked = random.Random(seed).sample(predictions, min(samples, len(predictions)))
+    save_figure(plot_predictions(picked, f"{len(picked)} random images"), out_dir / "samples.png")
+    run_artifacts.save_bytes(report_markdown(ev, argv).encode(), out_dir / "report.md")
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -596,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     try:
         ev = evaluate(args, argv)
-    except (UsageError, DatasetError, predict.ModelLoadError) as err:
+    except UsageError as err:
         log.error("%s", err)
         return EXIT_USAGE
     _print_summary(ev, args.out_dir)
@@ -605,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             log_experiment.log_evaluation(args.mlflow_run, Path(args.out_dir), ev.scores.metrics)
-        except log_experiment.TrackingError as err:
+        except UsageError as err:
             log.error("%s The report itself is in %s.", err, args.out_dir)
             return EXIT_USAGE
     return 0

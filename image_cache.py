@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -31,18 +32,19 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 import data_loader
+import image_io
+import run_artifacts
 from data_loader import Sample
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the file layout or what a geometry stores changes
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
 def default_cache_dir() -> Path:
@@ -83,8 +85,8 @@ def cache_key(samples: list[Sample], geometry: CacheGeometry) -> str:
 def _decode(path: str, geometry: CacheGeometry) -> np.ndarray | None:
     """The stored pixels of one image (HxWx3 uint8), or None when it does not decode."""
     try:
-        return np.asarray(geometry(data_loader.load_rgb(path)))
-    except _DECODE_ERRORS:
+        return np.asarray(geometry(image_io.load_rgb(path)))
+    except image_io.ImageError:
         return None
 
 
@@ -101,24 +103,23 @@ def _parallel_map(num_workers: int) -> Iterator[Callable]:
 def build_cache(samples: list[Sample], geometry: CacheGeometry, stem: Path, num_workers: int) -> None:
     """Decode `samples` in parallel and write `stem.pixels` and `stem.index.npy`.
 
-    Both are written under temporary names and renamed, the index last: an index on disk means a complete
-    cache, and processes that build the same cache at once (torchrun ranks) cannot corrupt it.
+    Both are written atomically (run_artifacts), the index last: an index on disk means a complete cache, and
+    processes that build the same cache at once (torchrun ranks) cannot corrupt it.
     """
     stem.parent.mkdir(parents=True, exist_ok=True)
     index = np.zeros((len(samples), 3), dtype=np.int64)
-    tmp = stem.with_name(f".{stem.name}.{os.getpid()}")
     offset = 0
-    with open(f"{tmp}.pixels", "wb") as out, _parallel_map(num_workers) as parallel_map:
+    with (run_artifacts.atomic_path(f"{stem}.pixels") as tmp, open(tmp, "wb") as out,
+          _parallel_map(num_workers) as parallel_map):
         # the pixels stream to disk as they come: memory stays flat however many images there are
         for i, pixels in enumerate(parallel_map(partial(_decode, geometry=geometry), [p for p, _ in samples])):
             if pixels is not None:
                 out.write(pixels.tobytes())
                 index[i] = (offset, *pixels.shape[:2])
                 offset += pixels.nbytes
-    os.replace(f"{tmp}.pixels", f"{stem}.pixels")
-    with open(f"{tmp}.index.npy", "wb") as out:
-        np.save(out, index, allow_pickle=False)
-    os.replace(f"{tmp}.index.npy", f"{stem}.index.npy")
+    buffer = io.BytesIO()
+    np.save(buffer, index, allow_pickle=False)
+    run_artifacts.save_bytes(buffer.getvalue(), f"{stem}.index.npy")
 
 
 class CachedImageDataset(Dataset):

@@ -1,4 +1,4 @@
-"""Experiment tracking with MLflow: where runs go, what a training run records, and loading a logged model back.
+"""Experiment tracking with MLflow: where runs go and what a training run records.
 
 Where runs go (`configure_tracking`): `--dagshub OWNER/REPO` (DagsHub's hosted MLflow; the token comes from
 DAGSHUB_USER_TOKEN), else `--tracking_uri URI` (any MLflow tracking server), else MLFLOW_TRACKING_URI, else
@@ -14,10 +14,13 @@ its report through `log_evaluation`.
 
 The model is logged in MLflow 3's default "pt2" format: a `torch.export` graph that loads without unpickling
 and without this project's code. It outputs logits; its MLmodel metadata carries the classes, the transform and
-the softmax temperature, so `predict.load_predictor("models:/NAME/VERSION")` rebuilds the same Predictor.
+the softmax temperature, so `predict.load_predictor("models:/NAME/VERSION")` rebuilds the same Predictor
+(loading is the serving side's: predict.py, which never imports this module).
 
-Tracking never costs the training: the first MLflow call that fails logs one warning and ends tracking for that
-run; history.json keeps every epoch, and `python log_experiment.py SAVE_DIR` logs the folder afterwards.
+Tracking never costs the training: the first MLflow call that fails for a tracking reason (the server
+unreachable or refusing: connection errors, MlflowException) logs one warning and ends tracking for that run;
+history.json keeps every epoch, and `python log_experiment.py SAVE_DIR` logs the folder afterwards. Any other
+exception is a bug in our own code (exporting or loading the model) and is raised, not hidden in a warning.
 
 MLflow is imported inside the functions that use it: it takes seconds to import, and training without --mlflow
 never needs it.
@@ -35,10 +38,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
-import data_loader
 import predict
+import run_artifacts
+from errors import UsageError
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -57,7 +60,7 @@ FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_T
 EXIT_USAGE = 2
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UsageError):
     """A tracking setting or MLflow problem the user fixes; the message says how."""
 
 
@@ -117,6 +120,15 @@ def _init_dagshub(repo: str) -> str:
                             f"{DAGSHUB_TOKEN_ENV} (a token from {DAGSHUB_TOKEN_PAGE}), the repository name and "
                             "the connection to dagshub.com.") from None
     return os.environ["MLFLOW_TRACKING_URI"]
+
+
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the tracking service failed, not our code: MLflow's own (the server refused,
+    the store is broken), connection errors and timeouts (requests' are OSErrors), and our TrackingError
+    (DagsHub set-up)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, OSError, TrackingError
 
 
 # ------------------------------------------------------------------------------------------ what is logged
@@ -210,9 +222,9 @@ def log_training_folder(save_dir: str | os.PathLike, experiment_name: str = DEFA
     Its git commit is not known afterwards, so this run has no git tag."""
     save_dir = Path(save_dir)
     try:
-        config = data_loader.load_json(save_dir / "config.json")
-        history = data_loader.load_json(save_dir / "history.json")
-        split = data_loader.load_json(save_dir / "split.json")
+        config = run_artifacts.load_json(save_dir / "config.json")
+        history = run_artifacts.load_json(save_dir / "history.json")
+        split = run_artifacts.load_json(save_dir / "split.json")
     except (OSError, ValueError) as err:
         raise TrackingError(f"'{save_dir}' is not a complete training folder of pt_train.py ({err}).") from None
     tags = dataset_tags(config["data_root"], split["num_train"] + len(split["val"]), config["num_classes"])
@@ -263,7 +275,7 @@ class TrainingTracker:
         mlflow.set_tags({**self.tags, **git_tags()})
         if continued is None:  # MLflow params are immutable: a continued run keeps those it started with
             mlflow.log_params(vars(self.args))
-        data_loader.save_json({"tracking_uri": self.tracking_uri, "run_id": run.info.run_id},
+        run_artifacts.save_json({"tracking_uri": self.tracking_uri, "run_id": run.info.run_id},
                               self.save_dir / RUN_FILE)
         log.info("MLflow run %s%s in %s", run.info.run_id, " (continued)" if continued else "", self.tracking_uri)
 
@@ -272,23 +284,23 @@ class TrainingTracker:
         path = self.save_dir / RUN_FILE
         if not (self.args.resume and path.is_file()):
             return None
-        recorded = data_loader.load_json(path)
+        recorded = run_artifacts.load_json(path)
         return recorded["run_id"] if recorded.get("tracking_uri") == self.tracking_uri else None
 
     def _finish(self) -> None:
         import mlflow
 
-        history = data_loader.load_json(self.save_dir / "history.json")
+        history = run_artifacts.load_json(self.save_dir / "history.json")
         _log_results(best_epoch_metrics(history), run_files(self.save_dir), self.save_dir, self.args.register)
         mlflow.end_run()
 
     def _guard(self, what: str, action: Callable[[], None]) -> None:
-        """Run one tracking step; if it fails, warn once and stop tracking. The training itself goes on."""
+        """Run one tracking step; if tracking fails, warn once and stop tracking. The training itself goes on."""
         if self.stopped:
             return
         try:
             action()
-        except Exception as err:  # MlflowException, connection errors, OSError, dagshub's errors: all the same here
+        except tracking_errors() as err:
             self.stopped = True
             log.warning("MLflow tracking stopped: could not %s in %s (%s: %s). Training goes on; every epoch "
                         "stays in %s.", what, self.tracking_uri or "MLflow", type(err).__name__, str(err)[:300],
@@ -303,7 +315,7 @@ class TrainingTracker:
             return
         try:
             mlflow.end_run(status)
-        except Exception as err:  # same as in _guard; end_run has left the active run either way
+        except tracking_errors() as err:  # end_run has left the active run either way
             log.debug("Could not mark the MLflow run %s: %s", status, err)
 
     def _relog_command(self) -> str:
@@ -346,41 +358,6 @@ def log_evaluation(run_id: str, out_dir: str | os.PathLike, metrics: Mapping, tr
                             "tracking URI it logged to (MLFLOW_TRACKING_URI).") from None
 
 
-class ExportedModel(nn.Module):
-    """A logged model's `torch.export` graph as a module. The graph was exported in eval mode and stays in it:
-    torch refuses train()/eval() on such graphs, so here they change nothing."""
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.graph(images)
-
-    def train(self, mode: bool = True) -> ExportedModel:
-        return self
-
-
-def load_logged_model(uri: str) -> tuple[nn.Module, dict]:
-    """The network and metadata (classes, transform, temperature) of a model logged by `log_model`, from an
-    MLflow URI: `runs:/RUN_ID/model` or `models:/NAME/VERSION`."""
-    import mlflow
-
-    tracking_uri = configure_tracking()
-    try:
-        metadata = mlflow.models.get_model_info(uri).metadata or {}
-        graph = mlflow.pytorch.load_model(uri)  # MLflow checks the pt2 archive holds no pickles before loading
-    except Exception as err:  # MlflowException, connection errors, missing files: all mean "cannot load it"
-        raise predict.ModelLoadError(
-            f"Could not load '{uri}' from MLflow at {tracking_uri} ({type(err).__name__}: {str(err)[:300]}). "
-            "Check the run id (runs:/RUN_ID/model) or the registered name and version (models:/NAME/VERSION), "
-            "and that MLFLOW_TRACKING_URI names the store that holds it.") from None
-    if not {"classes", "transform"} <= metadata.keys():
-        raise predict.ModelLoadError(f"'{uri}' has no classes and transform in its metadata: only models logged "
-                                     "by pt_train.py --mlflow or log_experiment.py can be loaded here.")
-    return ExportedModel(graph), metadata
-
-
 # --------------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = configure_tracking(args.tracking_uri, args.dagshub)
         run_id = log_training_folder(args.save_dir, args.experiment_name, args.run_name, args.register)
-    except (TrackingError, predict.ModelLoadError) as err:
+    except UsageError as err:
         log.error("%s", err)
         return EXIT_USAGE
     except MlflowException as err:

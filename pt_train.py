@@ -28,6 +28,8 @@ import image_cache
 import log_experiment
 import model as models
 import pt_engine
+import run_artifacts
+from errors import UsageError
 
 log = logging.getLogger("pt_train")
 
@@ -36,10 +38,6 @@ EXIT_USAGE = 2
 # Lite0 reached 99.9% held-out accuracy at 128 px; from scratch 96 px beat 64 px in the same time.
 DEFAULT_IMG_SIZE_PRETRAINED = 128
 DEFAULT_IMG_SIZE_SCRATCH = 96
-
-
-class UsageError(RuntimeError):
-    """A problem with the command line or the environment that the user fixes; reported without traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,11 +179,11 @@ def _metadata(args: argparse.Namespace, root: str, classes: list[str], transform
 
 def _write_run_files(save_dir: Path, meta: dict, splits: data_loader.Splits) -> None:
     save_dir.mkdir(parents=True, exist_ok=True)
-    data_loader.save_json(meta["classes"], save_dir / "classes.json")
-    data_loader.save_json(meta["transform"], save_dir / "transform.json")
-    data_loader.save_json(meta, save_dir / "config.json")
+    run_artifacts.save_json(meta["classes"], save_dir / "classes.json")
+    run_artifacts.save_json(meta["transform"], save_dir / "transform.json")
+    run_artifacts.save_json(meta, save_dir / "config.json")
     root = Path(meta["data_root"])
-    data_loader.save_json({"split_by": splits.split_by, "num_train": len(splits.train_samples),
+    run_artifacts.save_json({"split_by": splits.split_by, "num_train": len(splits.train_samples),
                            "val": [str(Path(p).relative_to(root)) for p, _ in splits.val_samples]},
                           save_dir / "split.json")
 
@@ -246,19 +244,23 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     with tracker or contextlib.nullcontext():  # leaving it logs the results and the (calibrated) best model
         history = trainer.train()
         if rank == 0 and args.calibrate and (save_dir / "best.pt").exists():
-            _calibrate_best(save_dir, trainer.raw_model, splits.val, args)
+            _calibrate_best(save_dir, trainer.raw_model, splits, args)
     return history
 
 
-def _calibrate_best(save_dir: Path, net: nn.Module, val_set, args: argparse.Namespace) -> None:
+def _calibrate_best(save_dir: Path, net: nn.Module, splits: data_loader.Splits, args: argparse.Namespace) -> None:
     """Fit a softmax temperature for the best weights on the validation set and store it with them if it helps."""
-    ckpt = pt_engine.load_checkpoint(save_dir / "best.pt")
+    val_set = splits.val
+    block = {path: b for (path, _), b in zip(splits.val_samples, splits.val_blocks)}
+    ckpt = run_artifacts.load_checkpoint(save_dir / "best.pt")
     net.load_state_dict(ckpt["model"])
     loader = data_loader.make_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers)
-    result = calibration.calibrate(net, loader, next(net.parameters()).device)
+    # cross-fitting keeps each held-out run of frames in one fold: its frames are near-duplicates
+    groups = [block[path] for path, _ in val_set.samples]
+    result = calibration.calibrate(net, loader, next(net.parameters()).device, groups)
     ckpt["metadata"]["temperature"] = result["temperature"]
-    pt_engine.atomic_torch_save(ckpt, save_dir / "best.pt")
-    data_loader.save_json(result, save_dir / "calibration.json")
+    run_artifacts.save_checkpoint(ckpt, save_dir / "best.pt")
+    run_artifacts.save_json(result, save_dir / "calibration.json")
     log.info("Calibration on %d validation images: ECE %.4f, %.4f with a fitted temperature (cross-fitted); "
              "temperature %.3f %s", result["n_images"], result["ece_before"], result["ece_after_cross_fitted"],
              result["temperature"], "applied" if result["applied"] else "not applied (no gain)")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             mp.spawn(run_ddp_worker, args=(args.world_size, args, prepared), nprocs=args.world_size, join=True)
         else:
             train_worker(0, 1, args, prepared)
-    except (UsageError, data_loader.DatasetError, models.WeightsError, log_experiment.TrackingError) as err:
+    except UsageError as err:
         log.error("%s", err)
         return EXIT_USAGE
     except KeyboardInterrupt:

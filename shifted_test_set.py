@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from data_loader import load_rgb
+from image_io import load_rgb
 
 Variant = Callable[[Image.Image, random.Random], Image.Image]
 

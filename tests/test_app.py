@@ -19,7 +19,6 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 import app
-import log_experiment
 import model as models
 import predict
 from conftest import ROOT, make_image_folder
@@ -197,7 +196,7 @@ def test_grad_cam_is_unavailable_for_an_exported_graph():
                         nn.Linear(4, 2)).eval()
     graph = torch.export.export(net, (torch.zeros(2, 3, 32, 32),),
                                 dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-    predictor = tiny_predictor(log_experiment.ExportedModel(graph), ["a", "b"], 32)
+    predictor = tiny_predictor(predict.ExportedModel(graph), ["a", "b"], 32)
     assert app.grad_cam(predictor, Image.fromarray(noise(32, 32)), 0) is None
 
 

@@ -40,3 +40,41 @@ def test_peak_memory_measures_a_block_shorter_than_its_sampling_interval():
     with bench.PeakMemory(interval=10.0) as peak:
         pass  # ends long before the sampling thread's first tick
     assert peak.peak_mb > 10  # this process alone holds torch: tens of MB at least
+
+
+@pytest.mark.timeout(300)
+def test_a_crashed_memory_probe_is_a_clear_error_not_a_hang():
+    import argparse
+
+    import bench
+
+    # no checkpoint in the setup: the probe process dies with a KeyError before it reports anything
+    setup = {"args": argparse.Namespace(device="cpu"), "threads": 1}
+    with pytest.raises(RuntimeError, match="memory probe of inference baseline crashed"):
+        bench.peak_memory("inference", setup)
+
+
+def test_gpu_training_steps_are_timed_to_their_end(monkeypatch):
+    import argparse
+
+    import torch
+
+    import bench
+    import pt_engine
+
+    calls = []
+
+    class Trainer:  # records the order of what the timed step does
+        def __init__(self, *args, **kwargs):
+            self.model = torch.nn.Identity()
+
+        def run_batch(self, images, targets):
+            calls.append("run_batch")
+
+    monkeypatch.setattr(pt_engine, "CustomTrainer", Trainer)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    args = argparse.Namespace(arch="efficientnet_lite0", device="cuda")
+    batch = (torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
+    for build in bench.training_variants(batch, {}, args, 3, None).values():
+        assert build()() == 2
+    assert calls == ["run_batch", "synchronize"] * 2

@@ -75,3 +75,36 @@ def test_training_stores_the_temperature_and_the_predictor_uses_it(trained_run):
     with torch.no_grad():
         logits = p.model(x)
     torch.testing.assert_close(p.predict_batch(x), torch.softmax(logits / report["temperature"], 1))
+
+
+def video_blocks(seed: int, n_blocks: int = 10, frames: int = 20, classes: int = 5):
+    """Logits of a model that is calibrated in truth, on a validation set of video blocks: the frames of a block
+    are near-duplicates (the same sign, almost the same logits), as in the Kaggle data. Frame-ordered."""
+    g = torch.Generator().manual_seed(seed)
+    block_logits = torch.randn(n_blocks, classes, generator=g) * 2
+    block_targets = torch.multinomial(torch.softmax(block_logits, 1), 1, generator=g).squeeze(1)
+    logits = block_logits.repeat_interleave(frames, 0) + 0.05 * torch.randn(n_blocks * frames, classes, generator=g)
+    blocks = torch.arange(n_blocks).repeat_interleave(frames).tolist()
+    return logits, block_targets.repeat_interleave(frames), blocks
+
+
+@pytest.mark.parametrize("seed", [56, 67, 102])
+@pytest.mark.parametrize("pass_blocks", [True, False], ids=["split blocks", "consecutive runs"])
+def test_a_temperature_that_only_fits_near_duplicates_of_its_own_images_is_not_applied(seed, pass_blocks):
+    # A temperature fitted on some frames of a video and scored on its other frames looks like a large gain,
+    # though it would not help on new videos: scored on its own images, or on even/odd frames, these sets
+    # claim ECE drops well below the unscaled one. Cross-fitting by blocks sees no gain and keeps 1.
+    logits, targets, blocks = video_blocks(seed)
+    fitted = calibration.fit_temperature(logits, targets)
+    ece = calibration.expected_calibration_error
+    assert ece(logits, targets, fitted) < ece(logits, targets) - 0.05  # the in-sample mirage this test is about
+    report = calibration.calibrate(_Fixed(logits), _loader(targets), groups=blocks if pass_blocks else None)
+    assert not report["applied"] and report["temperature"] == 1.0
+    assert report["ece_after_cross_fitted"] > report["ece_before"]
+
+
+def test_cross_fit_folds_keep_groups_together_and_alternate():
+    folds = calibration.cross_fit_folds(6, ["a", "a", "b", "b", "c", "a"])
+    assert folds.tolist() == [True, True, False, False, True, True]
+    default = calibration.cross_fit_folds(40)  # runs of consecutive images, not single positions
+    assert default.tolist() == [k % 2 == 0 for k in range(calibration.CROSS_FIT_BLOCKS) for _ in range(4)]

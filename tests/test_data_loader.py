@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.models import EfficientNet_B0_Weights
 
 import data_loader as dl
+import image_io
 from conftest import SHARED_ASL, make_image_folder, requires_shared
 
 B0_CFG = {"resize_size": 256, "crop_size": 224, "interpolation": "bicubic",
@@ -118,13 +119,13 @@ def test_bad_val_split_is_rejected(synthetic_dir):
 
 def test_eval_transform_matches_the_weights_preset(synthetic_dir):
     path = next((synthetic_dir / "A").iterdir())
-    ours = dl.eval_transform(B0_CFG)(dl.load_rgb(path))
+    ours = dl.eval_transform(B0_CFG)(image_io.load_rgb(path))
     preset = EfficientNet_B0_Weights.DEFAULT.transforms()(Image.open(path).convert("RGB"))
     torch.testing.assert_close(ours, preset)
 
 
 def test_train_transform_augments_and_keeps_the_shape(synthetic_dir):
-    img = dl.load_rgb(next((synthetic_dir / "B").iterdir()))
+    img = image_io.load_rgb(next((synthetic_dir / "B").iterdir()))
     cfg = dict(B0_CFG, resize_size=73, crop_size=64)
     a, b = dl.train_transform(cfg, augment=True)(img), dl.train_transform(cfg, augment=True)(img)
     assert a.shape == b.shape == (3, 64, 64) and not torch.equal(a, b)
@@ -150,7 +151,7 @@ def test_load_rgb_converts_every_mode(tmp_path, mode):
     img = Image.fromarray(arr) if mode in ("L", "I;16") else Image.new(mode, (30, 20))
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     img.save(path)
-    out = dl.load_rgb(path)
+    out = image_io.load_rgb(path)
     assert out.mode == "RGB" and out.size == (30, 20)
     if mode == "I;16":
         assert out.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256, not clipped to white
@@ -161,7 +162,7 @@ def test_load_rgb_applies_exif_rotation(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotated 90 degrees
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert dl.load_rgb(tmp_path / "r.jpg").size == (20, 30)
+    assert image_io.load_rgb(tmp_path / "r.jpg").size == (20, 30)
 
 
 def test_distributed_loaders_cover_the_data(synthetic_dir):
@@ -171,8 +172,8 @@ def test_distributed_loaders_cover_the_data(synthetic_dir):
                   for r in range(2)]
     assert sorted(val_shards[0] + val_shards[1]) == list(range(35))  # no padding, no duplicates
     train = [dl.make_loader(ds, 4, train=True, rank=r, world_size=2, num_workers=0) for r in range(2)]
-    assert all(isinstance(t.sampler, torch.utils.data.DistributedSampler) for t in train)
-    assert len(set(train[0].sampler) | set(train[1].sampler)) == 35
+    assert all(isinstance(t.sampler.sampler, torch.utils.data.DistributedSampler) for t in train)
+    assert len({i for t in train for i, _ in t.sampler}) == 35
 
 
 def test_single_process_training_order_depends_only_on_seed_and_epoch(synthetic_dir):
@@ -182,7 +183,9 @@ def test_single_process_training_order_depends_only_on_seed_and_epoch(synthetic_
         loader = dl.make_loader(images.samples, 4, train=True, num_workers=0, seed=1)
         loader.sampler.set_epoch(3)
         orders.append(list(loader.sampler))
-    assert orders[0] == orders[1] != list(range(len(images.samples)))
+    assert orders[0] == orders[1]
+    assert [i for i, _ in orders[0]] != list(range(len(images.samples)))
+    assert len({seed for _, seed in orders[0]}) == len(images.samples)  # every image its own augmentation seed
 
 
 @requires_shared

@@ -20,10 +20,12 @@ from sklearn.metrics import (accuracy_score, average_precision_score, classifica
 
 import data_loader
 import evaluate
+import image_io
 import model as models
 import predict
-import pt_engine
+import run_artifacts
 from conftest import SHARED_ASL, make_image_folder, requires_shared
+from errors import UsageError
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
            "training_curves.png", "misclassified.png", "samples.png")
@@ -136,7 +138,7 @@ def test_a_changed_data_folder_is_reported_and_only_held_out_files_are_scored(tr
     (data / split["val"][0]).unlink()
     run = tmp_path / "run"
     run.mkdir()
-    data_loader.save_json({**config, "data_root": str(data)}, run / "config.json")
+    run_artifacts.save_json({**config, "data_root": str(data)}, run / "config.json")
     shutil.copy(trained_run / "split.json", run)
 
     result = evaluate.load_validation_split(predict.load_predictor(trained_run), run)
@@ -149,7 +151,7 @@ def test_a_missing_training_data_folder_is_explained(trained_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     config = json.loads((run / "config.json").read_text())
-    data_loader.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
+    run_artifacts.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
     code, _, err = run_cli("--model_dir", str(run), "--out_dir", str(tmp_path / "out"))
     assert code == 2 and "is not on this machine" in err and "--test_dir" in err
 
@@ -190,12 +192,12 @@ def test_lite0_checkpoint_round_trips_through_evaluate(report, trained_run):
     rows = read_predictions(out)
     predictor = predict.load_predictor(trained_run)
     # 1. evaluate's batched path equals the shared predictor image by image
-    images = [data_loader.load_rgb(r["path"]) for r in rows]
+    images = [image_io.load_rgb(r["path"]) for r in rows]
     direct = predictor.predict(images)
     assert [predictor.classes[i] for i in direct.argmax(1)] == [r["predicted"] for r in rows]
     np.testing.assert_allclose(direct.max(1).values.numpy(), [float(r["probability"]) for r in rows], atol=1e-5)
     # 2. ... and a network rebuilt by hand from the checkpoint, without predict.py
-    ckpt = pt_engine.load_checkpoint(trained_run / "best.pt")
+    ckpt = run_artifacts.load_checkpoint(trained_run / "best.pt")
     assert ckpt["metadata"]["arch"] == "efficientnet_lite0"
     net = models.build_model("efficientnet_lite0", len(predictor.classes), weights="none")
     net.load_state_dict(ckpt["model"])
@@ -211,7 +213,7 @@ def test_pred_and_plot_image_titles_truth_prediction_and_probability(trained_run
     predictor = predict.load_predictor(trained_run)
     path = synthetic_dir / "B" / "B3.jpg"
     with torch.no_grad():  # a bare network has no calibrated temperature: its plain softmax
-        probs = torch.softmax(predictor.model(predictor.preprocess(data_loader.load_rgb(path))[None]), 1)[0]
+        probs = torch.softmax(predictor.model(predictor.preprocess(image_io.load_rgb(path))[None]), 1)[0]
     expected, p = predictor.classes[int(probs.argmax())], float(probs.max())
     # a bare network with its classes and transform settings, as after training in a notebook
     label, prob, ax = evaluate.pred_and_plot_image(predictor.model, path, predictor.classes,
@@ -220,10 +222,6 @@ def test_pred_and_plot_image_titles_truth_prediction_and_probability(trained_run
     assert ax.get_title() == f"true B\npred {expected} ({p:.2f})"
     assert ax.title.get_color() == ("tab:green" if expected == "B" else "tab:red")
     assert len(ax.get_images()) == 1
-    # --samples K draws K of these into one figure
-    items = [(str(synthetic_dir / c / f"{c}1.jpg"), c) for c in "ABC"]
-    fig = evaluate.plot_predictions(predictor, items, "3 random images")
-    assert [a.get_title().split("\n")[0] for a in fig.axes if a.get_images()] == ["true A", "true B", "true C"]
 
 
 # ------------------------------------------------------------------------------------------- test folders
@@ -252,7 +250,7 @@ def test_mirror_scores_the_mirrored_images(trained_run, synthetic_dir, tmp_path)
     samples = [(str(next((synthetic_dir / c).iterdir())), k) for k, c in enumerate("ABC")]
     plain, _, _ = evaluate.predict_samples(predictor, samples)
     mirrored, _, _ = evaluate.predict_samples(predictor, samples, mirror=True)
-    images = [ImageOps.mirror(data_loader.load_rgb(path)) for path, _ in samples]
+    images = [ImageOps.mirror(image_io.load_rgb(path)) for path, _ in samples]
     np.testing.assert_allclose(mirrored, predictor.predict(images).numpy(), atol=1e-6)
     assert not np.allclose(mirrored, plain, atol=1e-4)  # the synthetic shapes are not symmetric
     out = tmp_path / "out"
@@ -260,6 +258,26 @@ def test_mirror_scores_the_mirrored_images(trained_run, synthetic_dir, tmp_path)
                            "--samples", "0", "--mirror")
     assert code == 0, err
     assert any("mirrored" in note for note in json.loads((out / "metrics.json").read_text())["notes"])
+
+
+def test_mirror_figures_show_the_predictions_of_the_csv_from_one_pass(trained_run, synthetic_dir, tmp_path,
+                                                                       monkeypatch):
+    figures, predicted = {}, []
+    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    batch = predict.Predictor.predict_batch
+    monkeypatch.setattr(predict.Predictor, "predict_batch",
+                        lambda self, images: (predicted.append(len(images)), batch(self, images))[1])
+    out = tmp_path / "out"
+    code, _, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(synthetic_dir), "--out_dir", str(out),
+                           "--samples", "36", "--mirror")
+    assert code == 0, err
+    rows = {r["path"]: r for r in read_predictions(out)}
+    assert sum(predicted) == len(rows) == 36  # every image through the model once, figures included
+    shown = [ax for name in ("samples.png", "misclassified.png") for ax in figures[name].axes if ax.get_images()]
+    assert len(shown) >= 36
+    titles = {ax.get_title() for ax in shown}
+    expected = {f"true {r['true']}\npred {r['predicted']} ({float(r['probability']):.2f})" for r in rows.values()}
+    assert titles <= expected and len(titles & expected) >= 2
 
 
 def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_dir, tmp_path, monkeypatch):
@@ -272,7 +290,7 @@ def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_
             raise fake.TrackingError("Could not add the evaluation to MLflow run no-such-run.")
 
     fake = types.ModuleType("log_experiment")
-    fake.TrackingError = type("TrackingError", (RuntimeError,), {})
+    fake.TrackingError = type("TrackingError", (UsageError,), {})  # as the real one: a UsageError
     fake.log_evaluation = log_evaluation
     monkeypatch.setitem(sys.modules, "log_experiment", fake)
     out = tmp_path / "out"

@@ -17,9 +17,11 @@ from PIL import Image
 
 import data_loader as dl
 import image_cache
+import image_io
 import predict
 import pt_engine
 import pt_train
+import run_artifacts
 from conftest import SHARED_ASL, make_image_folder, requires_shared
 from test_pt_engine import make_trainer
 
@@ -172,7 +174,7 @@ def test_compiled_training_saves_plain_checkpoints(synthetic_dir, tmp_path):
                                        trainer.criterion, trainer.optimizer, None, tmp_path, 10, 1, num_classes=3,
                                        compile_model=True)
     compiled.train()
-    assert set(pt_engine.load_checkpoint(tmp_path / "last.pt")["model"]) == set(trainer.raw_model.state_dict())
+    assert set(run_artifacts.load_checkpoint(tmp_path / "last.pt")["model"]) == set(trainer.raw_model.state_dict())
 
 
 def test_cpu_ddp_processes_share_the_cores(monkeypatch):
@@ -200,7 +202,7 @@ def onnx_and_torch(run_copy):
 def test_onnx_predictions_equal_the_torch_ones(onnx_and_torch, run_copy, synthetic_dir):
     fast, plain = onnx_and_torch
     assert isinstance(fast.model, predict.OnnxModule) and (run_copy / "best.onnx").is_file()
-    images = [dl.load_rgb(p) for p, _ in dl.scan_image_folder(synthetic_dir).samples[::4]]
+    images = [image_io.load_rgb(p) for p, _ in dl.scan_image_folder(synthetic_dir).samples[::4]]
     for batch in (images[:1], images):  # the exported model takes any batch size
         expected, got = plain.predict(batch), fast.predict(batch)
         assert (got - expected).abs().max() < 1e-4

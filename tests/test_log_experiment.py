@@ -28,8 +28,9 @@ import calibration
 import log_experiment
 import predict
 import pt_train
+import run_artifacts
 from conftest import ROOT
-from data_loader import load_rgb
+from image_io import load_rgb
 
 TINY = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img_size", "64", "--total_epochs", "2",
         "--batch_size", "8", "--num_workers", "0", "--val_split", "0.25", "--seed", "0"]
@@ -267,6 +268,31 @@ def test_an_unreachable_server_costs_seconds_and_a_warning(tmp_path, caplog):
     assert len(warnings) == 2, warnings  # what failed, then at the end how to log the run later
     assert url in warnings[0] and "could not start the run" in warnings[0] and "history.json" in warnings[0]
     assert f"python log_experiment.py {tmp_path} --tracking_uri {url}" in warnings[1]
+
+
+@pytest.mark.parametrize("failure, is_tracking", [
+    (mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: the server refused"), True),
+    (ConnectionError("connection refused"), True),
+    (TypeError("a bug in our export code"), False),
+    (KeyError("metadata"), False),
+])
+def test_tracking_failures_warn_while_bugs_in_our_code_surface(tmp_path, store, monkeypatch, caplog, failure,
+                                                               is_tracking):
+    def log_model(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(log_experiment, "log_model", log_model)
+    save_dir = tmp_path
+    run_artifacts.save_json([{**_record(1), "val_acc": 0.5, "val_f1": 0.5}], save_dir / "history.json")
+    tracker = _tracker(save_dir, "--tracking_uri", store)
+    if is_tracking:
+        with tracker:
+            tracker.log_epoch(_record(1))
+        assert tracker.stopped and "could not log the results and the model" in caplog.text
+    else:
+        with pytest.raises(type(failure)), tracker:
+            tracker.log_epoch(_record(1))
+        assert not tracker.stopped and "MLflow tracking stopped" not in caplog.text
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from torch import nn
 
 import data_loader as dl
 import pt_engine
+import run_artifacts
 from pt_train import find_free_port
 
 CFG = {"resize_size": 24, "crop_size": 24, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -37,14 +38,15 @@ def loaders(root: Path, rank: int = 0, world_size: int = 1, batch_size: int = 8,
 
 
 def make_trainer(root: Path, save_dir: Path, *, epochs: int = 4, lr: float = 0.05, patience: int = 10,
-                 scheduler: str = "cosine", rank: int = 0, world_size: int = 1) -> pt_engine.CustomTrainer:
+                 scheduler: str = "cosine", rank: int = 0, world_size: int = 1,
+                 amp: bool = False) -> pt_engine.CustomTrainer:
     net = tiny_net()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if scheduler == "cosine"
              else torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0))
     train, val = loaders(root, rank, world_size)
     return pt_engine.CustomTrainer(net, train, val, nn.CrossEntropyLoss(), opt, None, save_dir, patience, epochs,
-                                   world_size, sched, num_classes=3, metadata={"classes": ["A", "B", "C"]})
+                                   world_size, sched, num_classes=3, metadata={"classes": ["A", "B", "C"]}, amp=amp)
 
 
 def test_trainer_learns_and_writes_checkpoints(synthetic_dir, tmp_path):
@@ -53,10 +55,10 @@ def test_trainer_learns_and_writes_checkpoints(synthetic_dir, tmp_path):
     assert history[-1]["val_acc"] >= 0.9 > 1 / 3 + 0.2  # 3 classes: chance is 1/3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert json.loads((tmp_path / "history.json").read_text()) == history
-    ckpt = pt_engine.load_checkpoint(tmp_path / "last.pt")  # weights_only=True: no arbitrary unpickling
+    ckpt = run_artifacts.load_checkpoint(tmp_path / "last.pt")  # weights_only=True: no arbitrary unpickling
     assert ckpt["epoch"] == 6 and ckpt["metadata"] == {"classes": ["A", "B", "C"]}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "history"} <= set(ckpt)
-    best = pt_engine.load_checkpoint(tmp_path / "best.pt")
+    best = run_artifacts.load_checkpoint(tmp_path / "best.pt")
     assert best["best_val_loss"] == min(h["val_loss"] for h in history)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -66,7 +68,7 @@ def test_early_stopping_stops_after_patience(synthetic_dir, tmp_path):
     trainer = make_trainer(synthetic_dir, tmp_path, epochs=10, lr=0.0, patience=2)
     history = trainer.train()
     assert len(history) == 3 and trainer.bad_epochs == 2
-    assert pt_engine.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert run_artifacts.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
@@ -83,15 +85,56 @@ def test_resume_continues_exactly_where_it_stopped(synthetic_dir, tmp_path, sche
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert [h["lr"] for h in history] == [h["lr"] for h in full.history]
     for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
-        torch.testing.assert_close(a, b)
+        assert torch.equal(a, b)
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, root: str, save_dir: str, out: str) -> None:
+def _fp16_scaled(trainer: pt_engine.CustomTrainer) -> pt_engine.CustomTrainer:
+    # float16 autocast with a GradScaler, as on a GPU without bf16, here on the CPU; growth every step so that
+    # the scale changes during training and a resume has state to restore
+    trainer.amp_dtype = torch.float16
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    return trainer
+
+
+def test_an_amp_step_runs_in_bfloat16_on_the_cpu(synthetic_dir, tmp_path):
+    trainer = make_trainer(synthetic_dir, tmp_path, amp=True)
+    dtypes = []
+    trainer.raw_model[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    images, targets = next(iter(trainer.train_loader))
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    loss = trainer.run_batch(images, targets)
+    assert dtypes == [torch.bfloat16] and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # the weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["bf16", "fp16 with GradScaler"])
+def test_amp_training_resumes_exactly_with_its_scaler(synthetic_dir, tmp_path, scaled):
+    prepare = _fp16_scaled if scaled else (lambda t: t)
+    full = prepare(make_trainer(synthetic_dir, tmp_path / "full", amp=True))
+    full.train()
+    first = prepare(make_trainer(synthetic_dir, tmp_path / "split", amp=True))
+    first.max_epochs = 2
+    first.train()
+    resumed = prepare(make_trainer(synthetic_dir, tmp_path / "split", amp=True))
+    resumed.resume(tmp_path / "split" / "last.pt")
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    if scaled:
+        assert resumed.scaler.get_scale() != 2.0**10  # restored, not the initial scale
+    resumed.train()
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: str, save_dir: str, out: str, lr: float = 0.05,
+                epochs: int = 3) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        trainer = make_trainer(Path(root), Path(save_dir), epochs=3, patience=1, rank=rank, world_size=world_size)
+        trainer = make_trainer(Path(root), Path(save_dir), epochs=epochs, patience=1, lr=lr, rank=rank,
+                               world_size=world_size)
         history = trainer.train()
         torch.save({"history": history, "val_shard": len(trainer.val_loader.sampler)}, f"{out}/rank{rank}.pt")
     finally:
@@ -110,10 +153,26 @@ def test_ddp_ranks_agree_on_exact_global_metrics(tmp_path):
     assert figures(ranks[0]["history"]) == figures(ranks[1]["history"])  # every rank sees the global figures
     assert ranks[0]["val_shard"] + ranks[1]["val_shard"] == 9
     # the gathered figures equal a single-process evaluation of the saved weights on the whole validation set
-    ckpt = pt_engine.load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt = run_artifacts.load_checkpoint(tmp_path / "run" / "last.pt")
     single = make_trainer(root, tmp_path / "single")
     single.raw_model.load_state_dict(ckpt["model"])
     expected = single.evaluate()
     last = ckpt["history"][-1]
     assert last["val_acc"] == pytest.approx(expected["acc"]) and last["val_f1"] == pytest.approx(expected["f1"])
     assert last["val_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a rank left waiting for the other would hang here
+def test_ddp_ranks_stop_early_at_the_same_epoch(tmp_path):
+    from conftest import make_image_folder
+    root = make_image_folder(tmp_path / "data", per_class=13)
+    # lr 0: the weights never change, so the validation loss stops improving and patience 1 ends the run early
+    mp.spawn(_ddp_worker, args=(2, find_free_port(), str(root), str(tmp_path / "run"), str(tmp_path), 0.0, 8),
+             nprocs=2)
+    histories = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["history"] for r in range(2)]
+    epochs = [[h["epoch"] for h in history] for history in histories]
+    assert epochs[0] == epochs[1] and 2 <= len(epochs[0]) < 8
+    losses = [h["val_loss"] for h in histories[0]]
+    assert losses[-1] >= min(losses[:-1]) and all(b < a for a, b in zip(losses, losses[1:-1]))  # stopped at the first non-improvement
+    assert run_artifacts.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == len(epochs[0])
