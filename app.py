@@ -23,7 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,10 +31,11 @@ import streamlit as st
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 import data_loader
+import hands
 import image_io
 import predict
 
@@ -129,23 +130,28 @@ def model_view(predictor: predict.Predictor, image: Image.Image) -> np.ndarray:
     return pixels.permute(1, 2, 0).numpy()
 
 
-@dataclass(frozen=True)
-class Verdict:
-    label: str
-    probability: float
-    sure: bool
-
-
-def decide(top: Sequence[tuple[str, float]], threshold: float) -> Verdict:
-    """The most likely class, flagged unsure when its probability is below `threshold`."""
-    label, probability = top[0]
-    return Verdict(label, probability, probability >= threshold)
+def draw_hand(image: Image.Image, hand: hands.Hand) -> Image.Image:
+    """A copy of `image` with the hand's box and skeleton (MediaPipe's 21 landmarks) drawn over it."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(image.size) / 160))
+    points = [(float(x * image.width), float(y * image.height)) for x, y, _ in hand.landmarks]
+    x0, y0, x1, y1 = hand.box
+    draw.rectangle((x0 * image.width, y0 * image.height, x1 * image.width, y1 * image.height),
+                   outline=(255, 200, 0), width=width)
+    for a, b in hands.CONNECTIONS:
+        draw.line((points[a], points[b]), fill=(0, 255, 120), width=width)
+    for x, y in points:
+        draw.ellipse((x - 1.5 * width, y - 1.5 * width, x + 1.5 * width, y + 1.5 * width), fill=(255, 40, 80))
+    return out
 
 
 def model_info(predictor: predict.Predictor) -> dict[str, str]:
     """Facts about the loaded model for the sidebar, from its checkpoint's metadata and history."""
     meta, cfg = predictor.metadata, predictor.transform_cfg
     info = {"Architecture": str(meta.get("arch", "unknown")),
+            "Reads": ("the image and the hand's landmarks (MediaPipe)" if predictor.uses_hands
+                      else "the image alone"),
             "Classes": f"{len(predictor.classes)}",
             "Image size": f"{cfg['crop_size']} px (resized to {cfg['resize_size']}, centre crop)"}
     if predictor.history:
@@ -207,9 +213,20 @@ def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
 # ---------------------------------------------------------------------------------------------- the page
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
-def load_model(source: str, device: str, stamp: int) -> predict.Predictor:
-    """The predictor, loaded once per (source, device); `stamp` changes when a local model is rewritten."""
-    return predict.load_predictor(source, device)
+def load_model(source: str, device: str, stamp: int, backend: str = "torch") -> predict.Predictor:
+    """The predictor, loaded once per (source, device, backend); `stamp` changes when a local model is rewritten.
+    A hand-aware model's hand finder is loaded here too, so that a missing MediaPipe shows up at once."""
+    predictor = predict.load_predictor(source, device, backend)
+    if predictor.uses_hands:
+        predictor.finder
+    return predictor
+
+
+def fastest_backend(source: str, device: str) -> str:
+    """ONNX Runtime for a checkpoint on the CPU (same answers, about a third of eager PyTorch's latency:
+    bench.py), else PyTorch. Grad-CAM always uses the PyTorch model."""
+    on_cpu = torch.device(device).type == "cpu"
+    return "onnx" if on_cpu and not source.startswith(predict.MLFLOW_URI_SCHEMES) else "torch"
 
 
 def _stamp(source: str) -> int:
@@ -234,7 +251,7 @@ def sidebar(cfg: AppConfig, predictor: predict.Predictor) -> tuple[float, bool, 
         with st.expander("Class names"):
             st.write(", ".join(predictor.classes))
         st.header("Settings")
-        threshold = st.slider("Confidence threshold", 0.0, 1.0, 0.5, 0.05,
+        threshold = st.slider("Confidence threshold", 0.0, 1.0, predict.DEFAULT_THRESHOLD, 0.05,
                               help="Below this probability the app says it is unsure instead of guessing.")
         explain = st.toggle("Show where the model looked (Grad-CAM)", value=False)
         # a model trained on one signer's hand reads the other hand's signs poorly unless trained with --hflip
@@ -277,20 +294,29 @@ def _examples(cfg: AppConfig) -> list[Path]:
 
 
 def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, explain: bool,
-                mirror: bool = False) -> None:
+                mirror: bool = False, cam_model: Callable[[], predict.Predictor] | None = None) -> None:
+    """The image with the hand found, the model's view, the answer and the top classes. `cam_model` gives the
+    PyTorch model for Grad-CAM when `predictor` runs on ONNX Runtime."""
     image = decode_image(chosen.data, chosen.name)
     if mirror:
         image = ImageOps.mirror(image)
-    top = predictor.top_k(image, TOP_K)
-    verdict = decide(top, threshold)
+    reading = predictor.read([image])[0]
+    top = predictor.top_k(image, TOP_K, reading.probs)
+    verdict = predict.decide(predictor.classes, reading.probs,
+                             reading.hand is not None if predictor.uses_hands else None, threshold)
     view = model_view(predictor, image)
     images, result = st.columns([3, 2], gap="large")
     with images:
         panels = st.columns(3 if explain else 2)
-        panels[0].image(image, caption=f"Your image ({image.width}x{image.height})", width="stretch")
+        if reading.hand is not None:
+            panels[0].image(draw_hand(image, reading.hand), caption=f"Your image ({image.width}x{image.height}), "
+                            f"the hand MediaPipe found ({reading.hand.handedness.lower()})", width="stretch")
+        else:
+            panels[0].image(image, caption=f"Your image ({image.width}x{image.height})"
+                            + (", no hand found" if predictor.uses_hands else ""), width="stretch")
         panels[1].image(view, caption=f"As the model saw it ({view.shape[1]}x{view.shape[0]})", width="stretch")
         if explain:
-            heat = grad_cam(predictor, image, predictor.classes.index(verdict.label))
+            heat = grad_cam(cam_model() if cam_model else predictor, image, predictor.classes.index(verdict.label))
             if heat is None:
                 panels[2].info("Grad-CAM needs the model's layers; this model (an exported graph, e.g. from "
                                "MLflow) has none to look into. Point the app at the training folder instead.")
@@ -308,12 +334,16 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
         st.bar_chart(chart, x="class", y="probability", horizontal=True, sort="-probability", height=220)
 
 
-def show_verdict(verdict: Verdict, threshold: float) -> None:
-    """The sign in large type, or a question mark and the best guess when the model is unsure."""
-    big = html.escape(verdict.label if verdict.sure else "?")
+def show_verdict(verdict: predict.Verdict, threshold: float) -> None:
+    """The sign in large type; a question mark and the best guess when the model is unsure; no letter at all
+    when there is no hand to read."""
+    big = html.escape("–" if verdict.no_hand else verdict.label if verdict.sure else "?")
     st.markdown(f"<div style='font-size:7rem;font-weight:700;line-height:1.05'>{big}</div>",
                 unsafe_allow_html=True)
-    if verdict.sure:
+    if verdict.no_hand:
+        st.warning("**No hand found.** The images on the left show what the app looked at. Show one hand, "
+                   "fingers in view, filling a good part of the picture, in even light.")
+    elif verdict.sure:
         st.markdown(f"Prediction: **{verdict.label}**, probability **{verdict.probability:.1%}**")
     else:
         st.warning(f"Not sure: the best guess, **{verdict.label}**, has probability {verdict.probability:.1%}, "
@@ -324,8 +354,9 @@ def page() -> None:
     """Settings, model, input, result; each problem the user can fix ends in its own message."""
     try:
         cfg = parse_config(sys.argv[1:], os.environ)
-        predictor = load_model(cfg.model, cfg.device, _stamp(cfg.model))
-    except ConfigError as err:
+        stamp = _stamp(cfg.model)
+        predictor = load_model(cfg.model, cfg.device, stamp, fastest_backend(cfg.model, cfg.device))
+    except (ConfigError, hands.HandModelError) as err:
         st.error(str(err))
         return
     except predict.ModelLoadError as err:
@@ -336,7 +367,8 @@ def page() -> None:
     if chosen is None:
         return
     try:
-        show_result(predictor, chosen, threshold, explain, mirror)
+        show_result(predictor, chosen, threshold, explain, mirror,
+                    cam_model=lambda: load_model(cfg.model, cfg.device, stamp))
     except InputError as err:
         st.error(str(err))
 

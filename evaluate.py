@@ -43,7 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+import calibration
 import data_loader
+import hands
 import image_io
 import predict
 import run_artifacts
@@ -70,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
     p.add_argument("--samples", type=int, default=12, help="random images shown with predictions in samples.png")
     p.add_argument("--seed", type=int, default=0, help="seed of --max_per_class and --samples")
+    p.add_argument("--threshold", type=float, default=predict.DEFAULT_THRESHOLD,
+                   help="the app's confidence threshold, for the share of images it would answer and how often "
+                        "rightly (the 'trust' figures)")
     p.add_argument("--mirror", action="store_true",
                    help="mirror every image left-right before scoring: how the model reads signers of the other "
                         "hand (or a mirrored camera)")
@@ -217,6 +222,41 @@ def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_s
     if not kept:
         raise DatasetError(f"None of the {len(samples)} images could be decoded.")
     return np.concatenate(probs), kept, failed
+
+
+def find_hands(predictor: predict.Predictor, samples: list[Sample], mirror: bool = False
+               ) -> list[hands.Hand | None] | None:
+    """The hand in each image (cached per file; mirrored with `mirror`, as the image is), or None for a model
+    that does not look for hands."""
+    if not predictor.uses_hands:
+        return None
+    found = hands.find_hands([path for path, _ in samples], predictor.finder, image_io.load_rgb)
+    return [hand.mirrored() if hand is not None and mirror else hand for hand in found]
+
+
+def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                           found: list[hands.Hand | None] | None, threshold: float) -> dict:
+    """How often a hand was found and accuracy with and without one; and trust: the share of images the app
+    would answer at `threshold` (coverage), how often those answers are right, and the calibration error."""
+    correct = probs.argmax(axis=1) == y_true
+
+    def share(mask: np.ndarray) -> float | None:
+        return float(correct[mask].mean()) if mask.any() else None
+
+    metrics = {}
+    if found is not None:
+        has = np.array([hand is not None for hand in found])
+        metrics["hands"] = {"found_share": float(has.mean()), "n_with_hand": int(has.sum()),
+                            "n_without_hand": int((~has).sum()), "accuracy_with_hand": share(has),
+                            "accuracy_without_hand": share(~has)}
+    verdicts = [predict.decide(classes, torch.from_numpy(row), None if found is None else found[i] is not None,
+                               threshold) for i, row in enumerate(probs)]
+    answered = np.array([v.answered for v in verdicts])
+    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
+    metrics["trust"] = {"threshold": threshold, "coverage": float(answered.mean()),
+                        "accuracy_when_answered": share(answered),
+                        "ece": calibration.expected_calibration_error(logits, torch.from_numpy(y_true))}
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -498,6 +538,7 @@ def report_markdown(ev: Evaluation, argv: list[str]) -> str:
     ]
     if m["notes"]:
         lines += ["**Notes**", "", *[f"- {note}" for note in m["notes"]], ""]
+    lines += _hands_and_trust_lines(m)
     lines += ["## Per-class results", "", "```text", ev.scores.report_text.rstrip(), "```", "",
               "## Confusion matrix", "", "![confusion matrix, counts](confusion_matrix.png)", "",
               "![confusion matrix, row-normalised](confusion_matrix_normalized.png)", "",
@@ -524,6 +565,20 @@ def report_markdown(ev: Evaluation, argv: list[str]) -> str:
         lines += ["## Skipped files (unreadable, unlabelled or gone)", "", *[f"- `{s}`" for s in m["skipped"]], ""]
     lines += ["## Reproduce", "", "```bash", "python evaluate.py " + shlex.join(argv), "```", ""]
     return "\n".join(lines)
+
+
+def _hands_and_trust_lines(m: dict) -> list[str]:
+    lines = ["## Hands and trust", ""]
+    if "hands" in m:
+        h = m["hands"]
+        lines += [f"- **Hand found** in {h['found_share']:.1%} of the images ({h['n_with_hand']} of "
+                  f"{h['n_with_hand'] + h['n_without_hand']}); accuracy with a hand {_fmt(h['accuracy_with_hand'])}, "
+                  f"without {_fmt(h['accuracy_without_hand'])}."]
+    t = m["trust"]
+    lines += [f"- **At the app's threshold ({t['threshold']:.0%})** it would answer {t['coverage']:.1%} of the images "
+              f"(otherwise: unsure, or no hand) and be right on {_fmt(t['accuracy_when_answered'])} of those; "
+              f"expected calibration error {t['ece']:.4f}.", ""]
+    return lines
 
 
 def write_report(ev: Evaluation, out_dir: Path, samples: int, seed: int, argv: list[str]) -> None:
@@ -579,7 +634,12 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
         data.notes.append("Every image was mirrored left-right before scoring (--mirror); the figures show them "
                           "as stored.")
     probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror)
-    scores = compute_metrics(np.array([label for _, label in scored]), probs, predictor.classes)
+    found = find_hands(predictor, scored, args.mirror)
+    if found is not None:
+        probs = predictor.combine(torch.from_numpy(probs), found).numpy()
+    y_true = np.array([label for _, label in scored])
+    scores = compute_metrics(y_true, probs, predictor.classes)
+    scores.metrics.update(hand_and_trust_metrics(y_true, probs, predictor.classes, found, args.threshold))
     if scores.metrics["classes_absent"]:
         data.notes.append(f"Model classes absent from the data: {', '.join(scores.metrics['classes_absent'])}. "
                           "Per-class and macro scores cover the classes present; predicting an absent class still "
@@ -603,6 +663,13 @@ def _print_summary(ev: Evaluation, out_dir: str) -> None:
     print(f"{m['n_images']} images ({len(m['skipped'])} skipped) from the {ev.data.description}")
     print(f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} | "
           f"top-{TOP_K} accuracy {m[f'top{TOP_K}_accuracy']:.4f}")
+    if "hands" in m:
+        h = m["hands"]
+        print(f"hand found in {h['found_share']:.1%} | accuracy with a hand {_fmt(h['accuracy_with_hand'])}, "
+              f"without {_fmt(h['accuracy_without_hand'])}")
+    t = m["trust"]
+    print(f"at threshold {t['threshold']:.2f} the app answers {t['coverage']:.1%}, right on "
+          f"{_fmt(t['accuracy_when_answered'])} | ECE {t['ece']:.4f}")
     print(f"Report: {Path(out_dir) / 'report.md'}")
 
 

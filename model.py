@@ -206,7 +206,7 @@ class LandmarkNet(nn.Sequential):
     landmarks), or with `hidden=0` a linear classifier. Its first BatchNorm standardises the features, as a
     scaler would, inside the saved weights."""
 
-    def __init__(self, num_classes: int, in_features: int, hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 256, dropout: float = 0.5):
         layers: list[nn.Module] = [nn.BatchNorm1d(in_features)]
         width = in_features
         for size in (hidden, hidden // 2) if hidden else ():

@@ -8,6 +8,11 @@ way (`load_logged_model`; MLflow is imported only then).
 Serving stays apart from training: this module (and so evaluate.py and the app) imports neither the training
 engine nor the tracker (tests/test_predict.py checks it); log_experiment.py imports this one, never the reverse.
 
+A hand-aware model (`pt_train.py --hands fused`, the default) also finds the hand with MediaPipe (hands.py) and
+reads its landmarks with a small network; where a hand is found, the answer is the average of that network's
+and the image network's probabilities, elsewhere the image network's alone. `Predictor.read` returns the
+hand with the probabilities, for the app to draw and to say when there is none.
+
 `load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
 same predictions (tests/test_fast_paths.py) at a fraction of the single-image latency on the CPU (bench.py).
 The network is exported once to `<checkpoint>.onnx` beside the checkpoint (`export_onnx`), which is also
@@ -19,6 +24,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -27,12 +33,17 @@ from PIL import Image
 from torch import nn
 
 import data_loader
+import hands
 import model as models
 import run_artifacts
 from errors import UsageError
 
 MLFLOW_URI_SCHEMES = ("runs:/", "models:/")
 BACKENDS = ("torch", "onnx")
+# Below this calibrated probability the app says it is unsure instead of naming a sign (its slider's default);
+# evaluate.py reports how often the app would answer at it, and how often rightly.
+DEFAULT_THRESHOLD = 0.5
+NO_SIGN = "nothing"  # the class of the Kaggle dataset for "no hand in view"
 
 
 class ModelLoadError(UsageError):
@@ -78,19 +89,101 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     return net
 
 
+def hand_net_from_checkpoint(ckpt: dict) -> nn.Module | None:
+    """The landmark network of a hand-aware checkpoint (None for a model that reads the image alone)."""
+    if "hand_net" not in ckpt:
+        return None
+    meta = ckpt["metadata"]
+    net = models.LandmarkNet(meta["num_classes"], hands.N_FEATURES, meta["hands"]["hidden"])
+    try:
+        net.load_state_dict(ckpt["hand_net"])
+    except RuntimeError as err:
+        raise ModelLoadError(f"its hand network does not fit the recorded settings ({str(err)[:300]})") from None
+    return net
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the model made of one image: class probabilities, and the hand it found (None: no hand found, or a
+    model that does not look for one)."""
+    probs: torch.Tensor
+    hand: hands.Hand | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the app answers for one image: the most likely class and its probability; `sure` when that
+    reaches the threshold; `no_hand` when no hand was found or the most likely class is the empty scene (the
+    two mean the same to a user, so they get the same answer)."""
+    label: str
+    probability: float
+    sure: bool
+    no_hand: bool = False
+
+    @property
+    def answered(self) -> bool:
+        """True when the app names a sign."""
+        return self.sure and not self.no_hand
+
+
+def decide(classes: Sequence[str], probs: torch.Tensor, hand_found: bool | None,
+           threshold: float = DEFAULT_THRESHOLD) -> Verdict:
+    """The app's answer for one image's probabilities; `hand_found` None for a model that does not look for
+    hands."""
+    probability, index = probs.max(dim=0)
+    label = classes[int(index)]
+    return Verdict(label, float(probability), float(probability) >= threshold,
+                   hand_found is False or label == NO_SIGN)
+
+
 @dataclass
 class Predictor:
-    """A model ready for inference, with its classes and preprocessing."""
+    """A model ready for inference, with its classes and preprocessing; with `hand_net`, hand-aware."""
     model: nn.Module
     classes: list[str]
     transform_cfg: dict
     device: torch.device = torch.device("cpu")
     metadata: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    hand_net: nn.Module | None = None
+    hand_model: str | None = None  # a MediaPipe bundle instead of the cached one (hands.hand_model_path)
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
+        if self.hand_net is not None:
+            self.hand_net.eval().to(self.device)
         self.transform = data_loader.eval_transform(self.transform_cfg)
+
+    @property
+    def uses_hands(self) -> bool:
+        return self.hand_net is not None
+
+    @cached_property
+    def finder(self) -> hands.HandFinder:
+        """MediaPipe's hand finder, loaded on first use (a HandModelError when it cannot be)."""
+        return hands.HandFinder(self.hand_model)
+
+    def find_hands(self, images: Sequence[Image.Image]) -> list[hands.Hand | None]:
+        """The hand in each image; all None for a model that does not use hands."""
+        return [self.finder.find(im) if self.uses_hands else None for im in images]
+
+    @torch.no_grad()
+    def combine(self, frame_probs: torch.Tensor, found: Sequence[hands.Hand | None]) -> torch.Tensor:
+        """The image network's probabilities averaged with the hand network's where a hand was found."""
+        rows = [i for i, hand in enumerate(found) if hand is not None]
+        if not self.uses_hands or not rows:
+            return frame_probs
+        features = torch.stack([torch.from_numpy(hands.features(found[i])) for i in rows]).to(self.device)
+        logits = self.hand_net(features).float() / self.metadata["hands"].get("temperature", 1.0)
+        probs = frame_probs.clone()
+        probs[rows] = (frame_probs[rows] + torch.softmax(logits, dim=1).cpu()) / 2
+        return probs
+
+    def read(self, images: Sequence[Image.Image]) -> list[Reading]:
+        """Probabilities and the hand found, one Reading per image."""
+        found = self.find_hands(images)
+        probs = self.combine(self.predict_batch(torch.stack([self.preprocess(im) for im in images])), found)
+        return [Reading(p, hand) for p, hand in zip(probs, found)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's input for one RGB image (resized, cropped, normalised)."""
@@ -104,11 +197,11 @@ class Predictor:
 
     def predict(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Class probabilities, one row per image."""
-        return self.predict_batch(torch.stack([self.preprocess(im) for im in images]))
+        return torch.stack([reading.probs for reading in self.read(images)])
 
-    def top_k(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
-        """The k most likely classes for one image, most likely first."""
-        probs = self.predict([image])[0]
+    def top_k(self, image: Image.Image, k: int = 5, probs: torch.Tensor | None = None) -> list[tuple[str, float]]:
+        """The k most likely classes for one image (or for its `probs`, already read), most likely first."""
+        probs = self.predict([image])[0] if probs is None else probs
         values, indices = probs.topk(min(k, len(self.classes)))
         return [(self.classes[i], float(v)) for v, i in zip(values, indices)]
 
@@ -169,10 +262,11 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu",
-                   backend: str = "torch") -> Predictor:
+                   backend: str = "torch", hand_model: str | None = None) -> Predictor:
     """A Predictor from a training output folder, a checkpoint file, or an MLflow model URI.
 
-    `backend="onnx"` runs a checkpoint's network with ONNX Runtime on the CPU (see the module docstring).
+    `backend="onnx"` runs a checkpoint's image network with ONNX Runtime on the CPU (see the module docstring);
+    `hand_model` a MediaPipe bundle of the user's instead of the cached one.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -186,13 +280,14 @@ def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu"
     ckpt = read_checkpoint(path)
     meta = ckpt["metadata"]
     try:
-        net = model_from_checkpoint(ckpt)
+        net, hand_net = model_from_checkpoint(ckpt), hand_net_from_checkpoint(ckpt)
     except ModelLoadError as err:
         raise ModelLoadError(f"'{path}' cannot be loaded: {err}. Retrain, or point to the checkpoint that goes "
                              "with this metadata.") from None
     if backend == "onnx":
         net = OnnxModule(_onnx_beside(path, net, meta["transform"]["crop_size"]))
-    return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, ckpt.get("history", []))
+    return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, ckpt.get("history", []),
+                     hand_net, hand_model)
 
 
 class ExportedModel(nn.Module):

@@ -63,7 +63,7 @@ class CustomTrainer:
                  optimizer: torch.optim.Optimizer, gpu_id: int | None, save_dir: str | os.PathLike, patience: int,
                  max_epochs: int, world_size: int = 1, scheduler=None, *, num_classes: int,
                  metadata: dict | None = None, amp: bool = False, callbacks: list[EpochCallback] | None = None,
-                 channels_last: bool = False, compile_model: bool = False):
+                 channels_last: bool = False, compile_model: bool = False, progress: bool = True):
         self.device = torch.device("cuda", gpu_id) if gpu_id is not None else torch.device("cpu")
         self.world_size = world_size
         self.rank = dist.get_rank() if world_size > 1 else 0
@@ -78,6 +78,7 @@ class CustomTrainer:
         self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
         self.save_dir = Path(save_dir)
         self.patience, self.max_epochs = patience, max_epochs
+        self.progress = progress  # a progress bar per epoch; off for short epochs, where it is only noise
         self.metadata = metadata or {}
         self.callbacks = callbacks or []
         # bf16 needs no loss scaling; fp16 (older GPUs) does
@@ -141,7 +142,7 @@ class CustomTrainer:
             sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank and after resume
         self.model.train()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
-                   disable=not self.is_main, dynamic_ncols=True,
+                   disable=not (self.is_main and self.progress), dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
         for step, (images, targets) in enumerate(bar):
             loss = self.run_batch(images, targets)

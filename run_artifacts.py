@@ -8,7 +8,8 @@ or cache, and two processes writing the same file never mix their bytes. Checkpo
 
 A checkpoint is a dict with `model` (the state dict) and `metadata` (architecture, classes, transform:
 enough to rebuild the network without the training code); one that training resumes from also has the
-optimizer, scheduler, scaler, counters, history and RNG state (`RESUME_KEYS`).
+optimizer, scheduler, scaler, counters, history and RNG state (`RESUME_KEYS`). A hand-aware model also has
+`hand_net` (the landmark network's state dict) and `metadata["hands"]` (its settings and calibration).
 """
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ def check_checkpoint(ckpt, *, resume: bool = False) -> dict:
     missing = [k for k in METADATA_KEYS if k not in meta] if isinstance(meta, dict) else list(METADATA_KEYS)
     if missing:
         raise CheckpointError(f"its metadata has no {', '.join(missing)}")
+    if "hand_net" in ckpt and not isinstance(meta.get("hands"), dict):
+        raise CheckpointError("it has a hand network but no metadata['hands'] to rebuild it from")
     if len(meta["classes"]) != meta["num_classes"]:
         raise CheckpointError(f"its metadata lists {len(meta['classes'])} classes but says num_classes "
                               f"{meta['num_classes']}")

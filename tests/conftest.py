@@ -58,3 +58,28 @@ def trained_run(synthetic_dir, tmp_path_factory) -> Path:
                           "--num_workers", "0", "--val_split", "0.25", "--seed", "0"])
     assert code == 0
     return out
+
+
+HAND_CLASSES = ("A", "B", "L")
+
+
+@pytest.fixture(scope="session")
+def hand_run(tmp_path_factory) -> Path:
+    """A tiny hand-aware model (the default, --hands fused) trained on real frames: 3 letters x 40 frames."""
+    if not SHARED_ASL.is_dir():
+        pytest.skip("real ASL images (../shared/asl) not present")
+    import shutil
+
+    import pt_train
+
+    data = tmp_path_factory.mktemp("hands") / "train"
+    for name in HAND_CLASSES:
+        (data / name).mkdir(parents=True)
+        for n in range(5, 1205, 30):  # 40 frames spread over the class's first 1,200
+            shutil.copy(SHARED_ASL / "train" / name / f"{name}{n}.jpg", data / name)
+    out = tmp_path_factory.mktemp("hand_trained") / "run"
+    code = pt_train.main(["--xtrain_path", str(data), "--save_dir", str(out), "--arch", "efficientnet_lite0",
+                          "--img_size", "64", "--total_epochs", "1", "--hand_epochs", "8", "--batch_size", "16",
+                          "--num_workers", "0", "--seed", "0"])
+    assert code == 0
+    return out

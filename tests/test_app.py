@@ -135,12 +135,6 @@ def test_model_view_undoes_normalisation_and_shows_the_crop():
     assert np.array_equal(app.model_view(predictor, Image.fromarray(pixels)), pixels[:, 16:48])
 
 
-def test_decision_is_unsure_below_the_threshold():
-    top = [("A", 0.6), ("B", 0.3)]
-    assert app.decide(top, 0.5) == app.Verdict("A", 0.6, True)
-    assert app.decide(top, 0.6).sure and not app.decide(top, 0.61).sure
-
-
 def test_config_command_line_beats_environment_beats_default():
     env = {"ASL_MODEL_DIR": "from_env", "ASL_EXAMPLES_DIR": "ex"}
     assert app.parse_config([], {}) == app.AppConfig("runs/latest", None, "cpu")

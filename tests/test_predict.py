@@ -10,7 +10,7 @@ import torch
 import model as models
 import predict
 import run_artifacts
-from conftest import ROOT
+from conftest import ROOT, SHARED_ASL, requires_shared
 
 ARCH = "efficientnet_lite0"
 CFG = {"resize_size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -68,3 +68,51 @@ def test_serving_imports_no_training_or_tracking_module():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:2] == ["predict []", "app []"]
+
+
+def test_decide_answers_only_when_sure_and_a_hand_is_there():
+    classes = ["A", "B", "nothing"]
+    sure_a = torch.tensor([0.6, 0.3, 0.1])
+    assert predict.decide(classes, sure_a, None, 0.5) == predict.Verdict("A", pytest.approx(0.6), True, False)
+    assert predict.decide(classes, sure_a, True, 0.6).answered
+    assert not predict.decide(classes, sure_a, True, 0.61).answered  # unsure
+    no_hand = predict.decide(classes, sure_a, False, 0.5)
+    assert no_hand.no_hand and not no_hand.answered  # no hand found: no letter, however sure
+    empty = predict.decide(classes, torch.tensor([0.1, 0.1, 0.8]), None, 0.5)
+    assert empty.no_hand and not empty.answered  # the empty scene and "no hand" are one answer
+
+
+@requires_shared
+@pytest.mark.slow
+def test_a_hand_aware_predictor_averages_where_it_finds_a_hand(hand_run):
+    from PIL import Image
+
+    import hands
+    import image_io
+
+    predictor = predict.load_predictor(hand_run)
+    with_hand = image_io.load_rgb(SHARED_ASL / "train" / "B" / "B1300.jpg")
+    blank = Image.new("RGB", (200, 200), (90, 120, 160))
+    readings = predictor.read([with_hand, blank])
+    assert readings[0].hand is not None and readings[1].hand is None
+    frame = predictor.predict_batch(torch.stack([predictor.preprocess(im) for im in (with_hand, blank)]))
+    torch.testing.assert_close(readings[1].probs, frame[1])  # no hand: the image network alone
+    features = torch.from_numpy(hands.features(readings[0].hand))[None]
+    with torch.no_grad():
+        hand_probs = torch.softmax(predictor.hand_net(features) / predictor.metadata["hands"]["temperature"], 1)
+    torch.testing.assert_close(readings[0].probs, (frame[0] + hand_probs[0]) / 2)
+    assert float(readings[0].probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(predictor.predict([with_hand, blank]), torch.stack([r.probs for r in readings]))
+    # the ONNX backend serves the image network; the hand network is the same tiny torch module
+    fast = predict.load_predictor(hand_run, backend="onnx")
+    torch.testing.assert_close(fast.predict([with_hand, blank]), predictor.predict([with_hand, blank]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_a_hand_network_that_does_not_fit_is_named(tmp_path):
+    path = checkpoint(tmp_path / "hand.pt", hands={"hidden": 256, "temperature": 1.0})
+    ckpt = run_artifacts.load_checkpoint(path)
+    ckpt["hand_net"] = models.LandmarkNet(5, 126, 256).state_dict()  # 5 classes, the metadata says 3
+    run_artifacts.save_checkpoint(ckpt, path)
+    with pytest.raises(predict.ModelLoadError, match="hand network does not fit"):
+        predict.load_predictor(path)

@@ -207,3 +207,31 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_under_the_defaults(t
     assert resumed_history == whole_history and len(whole_history) == 3
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_without_hands_in_the_data_the_model_reads_the_image_alone(trained_run):
+    # synthetic squares hold no hand: the default --hands fused says so and trains the image network only
+    ckpt = run_artifacts.load_checkpoint(trained_run / "best.pt")
+    assert "hand_net" not in ckpt and "hands" not in ckpt["metadata"]
+    assert ckpt["metadata"]["args"]["hands"] == "fused" and ckpt["metadata"]["args"]["hflip"] is True
+    assert not predict.load_predictor(trained_run).uses_hands
+
+
+@pytest.mark.slow
+def test_the_default_model_is_hand_aware_end_to_end(hand_run):
+    ckpt = run_artifacts.check_checkpoint(run_artifacts.load_checkpoint(hand_run / "best.pt"))
+    settings = ckpt["metadata"]["hands"]
+    assert set(ckpt["hand_net"]) and settings["hidden"] == pt_train.HAND_HIDDEN
+    assert 0.5 < settings["found_share_train"] <= 1  # MediaPipe finds most of these hands
+    history = json.loads((hand_run / "hand_net" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 9))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert (hand_run / "hand_net" / "calibration.json").is_file()
+    predictor = predict.load_predictor(hand_run)
+    assert predictor.uses_hands and predictor.metadata["hands"]["temperature"] == settings["temperature"]
+
+
+def test_hflip_follows_augment_unless_given():
+    assert pt_train.parse_args([]).hflip is True
+    assert pt_train.parse_args(["--no-augment"]).hflip is False
+    assert pt_train.parse_args(["--no-hflip"]).hflip is False
