@@ -276,11 +276,24 @@ def run_ddp_worker(rank: int, world_size: int, args: argparse.Namespace, prepare
     backend = "nccl" if args.gpu else "gloo"
     if args.gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    store = _restart_store(rank, world_size) if launched_by_torchrun() else None
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store)
     try:
         train_worker(rank, world_size, args, prepared)
     finally:
         dist.destroy_process_group()
+
+
+def _restart_store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's store, seen through a prefix naming this restart.
+
+    torchrun's agent hosts one TCPStore for the whole job and restarted workers join that same store, but
+    torch's env:// rendezvous prefixes nothing per restart: the new group would read the dead workers' gloo and
+    NCCL addresses and barrier counts left from the last attempt (connection refused in connectFullMesh, or a
+    hang). Each restart gets keys of its own instead.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    return dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def launched_by_torchrun() -> bool:

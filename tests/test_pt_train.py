@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -147,6 +148,33 @@ def test_run_killed_mid_epoch_resumes_to_a_complete_history(tmp_path):
     history = json.loads(history_file.read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_group_after_a_worker_is_killed(tmp_path):
+    # torchrun restarts both workers after one dies; the new group must not read the dead one's store keys
+    data = make_image_folder(tmp_path / "data", per_class=40)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--max-restarts", "2", "pt_train.py", "--resume", "--xtrain_path", str(data),
+                             "--save_dir", str(out), "--total_epochs", "3", *FAST], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history_file, deadline = out / "history.json", time.time() + 300
+    while time.time() < deadline and not history_file.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    workers = [p for p in psutil.Process(proc.pid).children() if "pt_train.py" in " ".join(p.cmdline())]
+    assert proc.poll() is None and len(workers) == 2, "training finished before a worker could be killed"
+    workers[-1].send_signal(signal.SIGKILL)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # a group that hangs after the restart must not outlive the test
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resumed from" in stderr
+    assert [h["epoch"] for h in json.loads(history_file.read_text())] == [1, 2, 3]
+    assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 3
 
 
 @requires_shared
