@@ -24,6 +24,7 @@ from torch import nn
 
 import calibration
 import data_loader
+import gpu_pipeline
 import image_cache
 import log_experiment
 import model as models
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="disk: decode every image once into a memory-mapped uint8 cache that later epochs and "
                            "runs reuse (see image_cache.py); auto: disk with --gpu, where decoding limits speed, "
                            "none on the CPU, where the network does")
+    data.add_argument("--gpu_augment", action=argparse.BooleanOptionalAction, default=None,
+                      help="hold the decoded training images on the GPU (or pinned host memory) and augment and "
+                           "normalise them there in batches, per image (gpu_pipeline.py); default: on with --gpu "
+                           "unless --cache none. Without --gpu the same code runs on the CPU")
     data.add_argument("--cache_dir", default=str(image_cache.default_cache_dir()),
                       help="where --cache disk keeps its files (a tmpfs such as /dev/shm keeps them in memory)")
     model = p.add_argument_group("model")
@@ -107,8 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.img_size = DEFAULT_IMG_SIZE_SCRATCH if args.weights == "none" else DEFAULT_IMG_SIZE_PRETRAINED
     if args.amp is None:
         args.amp = args.gpu
+    if args.gpu_augment is None:
+        args.gpu_augment = args.gpu and args.cache != "none"
     if args.cache == "auto":
-        args.cache = "disk" if args.gpu else "none"
+        args.cache = "disk" if args.gpu or args.gpu_augment else "none"
     return args
 
 
@@ -129,6 +136,8 @@ def find_free_port() -> int:
 def _check_environment(args: argparse.Namespace) -> None:
     if args.hflip and not args.augment:
         raise UsageError("--hflip is an augmentation; it cannot be combined with --no-augment.")
+    if args.gpu_augment and args.cache == "none":
+        raise UsageError("--gpu_augment reads the decoded-image cache; drop --cache none (or add --no-gpu_augment).")
     if args.total_epochs < 1 or args.batch_size < 1 or args.world_size < 1 or args.learning_rate <= 0:
         raise UsageError("--total_epochs, --batch_size and --world_size must be at least 1, --learning_rate > 0.")
     if args.gpu and not torch.cuda.is_available():
@@ -208,6 +217,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     gpu_id = local_rank if args.gpu else None
     if gpu_id is not None:
         torch.cuda.set_device(gpu_id)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes (full batches): pick the fastest kernels once
     if threads := _num_threads(args, world_size):
         torch.set_num_threads(threads)
     images: data_loader.ImageList = prepared["images"]
@@ -222,14 +232,21 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
                  len(images.skipped))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=args.num_workers, seed=args.seed,
                        pin_memory=args.gpu)
-    train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
+    if args.gpu_augment:
+        train_loader = gpu_pipeline.DeviceLoader.from_cache(
+            splits.train, transform, args.batch_size, augment=args.augment, hflip=args.hflip,
+            device=torch.device("cuda", gpu_id) if args.gpu else torch.device("cpu"), rank=rank,
+            world_size=world_size, seed=args.seed)
+    else:
+        train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
     val_loader = data_loader.make_loader(splits.val, args.batch_size, train=False, **loader_args)
 
     net = models.build_model(args.arch, len(images.classes), args.weights)
     if args.freeze_backbone:
         models.set_backbone_trainable(net, False)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # the fused kernel updates all parameters in one launch instead of several per tensor
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=args.gpu)
     # one MLflow run per training, rank 0's; made here in the worker, as mp.spawn passes only picklable args
     tracker = (log_experiment.TrainingTracker(args, prepared["root"], len(images.samples), len(images.classes))
                if args.mlflow and rank == 0 else None)

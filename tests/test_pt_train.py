@@ -89,6 +89,36 @@ def test_defaults_are_the_measured_recipe():
     assert pt_train.parse_args(["--weights", "none", "--img_size", "64"]).img_size == 64
 
 
+def test_gpu_augment_is_on_with_gpu_and_reads_the_cache():
+    on = pt_train.parse_args(["--gpu"])
+    assert on.gpu_augment and on.cache == "disk"
+    off = pt_train.parse_args([])
+    assert not off.gpu_augment and off.cache == "none"
+    assert not pt_train.parse_args(["--gpu", "--cache", "none"]).gpu_augment
+    assert pt_train.parse_args(["--gpu_augment"]).cache == "disk"
+
+
+def test_gpu_augment_with_cache_none_is_explained(synthetic_dir, tmp_path, capsys):
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(tmp_path), "--gpu_augment",
+                          "--cache", "none"]) == 2
+    assert "--cache none" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_augment_training_resumes_exactly(synthetic_dir, tmp_path):
+    # the device path on CPU tensors: an interrupted run continues as if it had never stopped
+    common = ["--xtrain_path", str(synthetic_dir), "--gpu_augment", "--cache_dir", str(tmp_path / "cache"),
+              "--scheduler", "none", "--no-calibrate", "--weights", "none", "--img_size", "32", "--batch_size", "8",
+              "--num_workers", "0"]
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "whole"), "--total_epochs", "2"]) == 0
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "cut"), "--total_epochs", "1"]) == 0
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "cut"), "--total_epochs", "2", "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "cut"))
+    assert [h["epoch"] for h in cut] == [1, 2]
+    assert [h["train_loss"] for h in cut] == [h["train_loss"] for h in whole]
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["args"]["gpu_augment"] is True
+
+
 def test_find_free_port_gives_distinct_usable_ports():
     ports = {pt_train.find_free_port() for _ in range(5)}
     assert len(ports) >= 4 and all(1024 < p < 65536 for p in ports)
