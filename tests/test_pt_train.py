@@ -13,10 +13,11 @@ import psutil
 import pytest
 import torch
 
+import data_loader
 import predict
 import pt_engine
 import pt_train
-from conftest import ROOT, SHARED_ASL, make_image_folder, requires_shared
+from conftest import ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
 
@@ -224,3 +225,22 @@ def test_short_run_on_real_asl_images(tmp_path):
                           "--num_workers", "0", "--val_split", "0.2"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["val_acc"] > 0.5  # chance is 0.25
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_nccl_ddp_on_every_gpu_present_with_the_device_input_path(synthetic_dir, tmp_path):
+    out = tmp_path / "gpu"
+    gpus = torch.cuda.device_count()
+    result = cli("--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--total_epochs", "2", "--gpu",
+                 "--world_size", str(gpus), "--cache_dir", str(tmp_path / "cache"), "--weights", "none",
+                 "--img_size", "64", "--batch_size", "4", "--num_workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPU input path" in result.stderr and [h["epoch"] for h in
+                                                   json.loads((out / "history.json").read_text())] == [1, 2]
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert args["gpu_augment"] and args["amp"] and args["cache"] == "disk"
+    images = [data_loader.load_rgb(p) for p in sorted((synthetic_dir / "A").iterdir())[:4]]
+    on_gpu = predict.load_predictor(out, device="cuda").predict(images)  # the GPU predictor
+    assert on_gpu.shape == (4, 3) and torch.allclose(on_gpu, predict.load_predictor(out).predict(images), atol=1e-3)
