@@ -55,5 +55,6 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
 elif ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"
     exit 1
+else
+    echo "all GPU checks passed"
 fi
-echo "all GPU checks passed"
