@@ -5,7 +5,10 @@ float32 NCHW batches from a DataLoader with its defaults (no workers), eager PyT
 app's single-image predictions.
 Ours: the decoded-image cache (image_cache.py, decode once; uint8 images normalised in the loader's process),
 DataLoader workers that persist across epochs (and, as a second figure, no workers), channels-last training
-(mixed precision too on a GPU), and ONNX Runtime for inference (predict.py).
+(mixed precision too on a GPU), and ONNX Runtime for inference (predict.py). On a GPU (and with --quick) also
+end to end: epochs of training from the image folder, the original pipeline against ours (the decoded images on
+the GPU, augmented there: gpu_pipeline.py), beside the model alone on a synthetic batch already on the GPU (the
+ceiling any input pipeline can reach). Every clock read on a GPU waits for its queued work first.
 
 Figures: input-pipeline throughput (files to ready training batches, from the second epoch on, and the first
 epoch with the cache build), training throughput (forward, backward, step through pt_engine at the training
@@ -40,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import data_loader
+import gpu_pipeline
 import image_cache
 import image_io
 import model as models
@@ -72,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU and none is visible; use --device cpu")
     if args.quick:
         args.images, args.img_size, args.batch_size, args.train_batch_size = 48, 64, 8, 4
         args.reps, args.latency_reps, args.arch = 2, 4, "efficientnet_lite0"
@@ -90,6 +96,13 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def clock() -> float:
+    """Seconds, after the GPU has finished what was queued (kernels run asynchronously)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def median_rate(times: list[float], counts: list[int]) -> float:
     return statistics.median(n / t for n, t in zip(counts, times, strict=True))
 
@@ -103,9 +116,9 @@ def interleaved(variants: dict[str, Run], reps: int, warmup: int = 1) -> dict[st
     for rep in range(reps):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             count = variants[name]()
-            results[name][0].append(time.perf_counter() - start)
+            results[name][0].append(clock() - start)
             results[name][1].append(count)
     return results
 
@@ -160,8 +173,15 @@ def pipeline_variants(samples: list, cfg: dict, args: argparse.Namespace, cache_
         return epoch(data_loader.make_loader(dataset, args.batch_size, train=True, num_workers=workers,
                                              pin_memory=args.device == "cuda"))
 
+    def on_device() -> Run:
+        dataset = image_cache.cached_dataset(samples, cfg, augment=True, cache_dir=cache_dir,
+                                             num_workers=args.num_workers)
+        return epoch(gpu_pipeline.DeviceLoader.from_cache(dataset, cfg, args.batch_size, augment=True,
+                                                          device=torch.device(args.device)))
+
     return {BASELINE: baseline, OURS: lambda: ours(False, args.num_workers),
-            "ours_in_process": lambda: ours(False, 0), "ours_augmented": lambda: ours(True, args.num_workers)}
+            "ours_in_process": lambda: ours(False, 0), "ours_augmented": lambda: ours(True, args.num_workers),
+            "ours_device_augmented": on_device}
 
 
 def training_variants(batch: tuple[torch.Tensor, torch.Tensor], cfg: dict, args: argparse.Namespace,
@@ -183,6 +203,51 @@ def training_variants(batch: tuple[torch.Tensor, torch.Tensor], cfg: dict, args:
 
     gpu = 0 if args.device == "cuda" else None
     return {BASELINE: step, OURS: lambda: step(channels_last=True, amp=gpu is not None)}
+
+
+def end_to_end_variants(samples: list, cfg: dict, args: argparse.Namespace, num_classes: int, cache_dir: Path,
+                        save_dir: Path) -> Variants:
+    """Training epochs from the image folder through pt_engine: the original pipeline (PIL every epoch, no
+    augmentation, DataLoader defaults, float32 NCHW, AdamW) and ours (gpu_pipeline's augmented batches made on
+    the device, channels last, bf16 and fused AdamW on a GPU); and the model alone on one synthetic batch already
+    on the device, our step with no input pipeline at all: the ceiling."""
+    gpu = 0 if args.device == "cuda" else None
+    batch = args.train_batch_size
+
+    def trainer(loader, fast: bool) -> pt_engine.CustomTrainer:
+        torch.manual_seed(0)
+        net = models.build_model(args.arch, num_classes, weights="none")
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=fast and gpu is not None)
+        return pt_engine.CustomTrainer(net, loader, [], nn.CrossEntropyLoss(), optimizer, gpu, save_dir, 1, 1,
+                                       num_classes=num_classes, channels_last=fast, amp=fast and gpu is not None)
+
+    def baseline() -> Run:
+        loader = DataLoader(data_loader.ImageDataset(samples, data_loader.eval_transform(cfg)), batch, shuffle=True)
+        original = trainer(loader, fast=False)
+        return lambda: (original.run_epoch(0), len(samples))[1]
+
+    def ours() -> Run:
+        dataset = image_cache.cached_dataset(samples, cfg, augment=True, cache_dir=cache_dir,
+                                             num_workers=args.num_workers)
+        loader = gpu_pipeline.DeviceLoader.from_cache(dataset, cfg, batch, augment=True,
+                                                      device=torch.device(args.device))
+        fast = trainer(loader, fast=True)
+        return lambda: (fast.run_epoch(0), len(loader) * batch)[1]
+
+    def model_only() -> Run:
+        images = torch.randn(batch, 3, cfg["crop_size"], cfg["crop_size"], device=args.device)
+        targets = torch.randint(num_classes, (batch,), device=args.device)
+        fast = trainer([], fast=True)
+        fast.model.train()
+        steps = max(1, len(samples) // batch)
+
+        def run() -> int:
+            for _ in range(steps):
+                fast.run_batch(images, targets)
+            return steps * batch
+        return run
+
+    return {BASELINE: baseline, OURS: ours, "model_only": model_only}
 
 
 def save_checkpoint(path: Path, arch: str, classes: list[str], cfg: dict, images: torch.Tensor) -> None:
@@ -225,6 +290,9 @@ def _probe(phase: str, variant: str, setup: dict, queue) -> None:
         run = pipeline_variants(setup["samples"], setup["cfg"], args, setup["cache_dir"])[variant]()
     elif phase == "training":
         run = training_variants(setup["batch"], setup["cfg"], args, setup["num_classes"], setup["tmp"])[variant]()
+    elif phase == "end_to_end":
+        run = end_to_end_variants(setup["samples"], setup["cfg"], args, setup["num_classes"], setup["cache_dir"],
+                                  setup["tmp"])[variant]()
     else:
         run = latency_run(load_predictor(setup["checkpoint"], variant), setup["image"])
     if args.device == "cuda":
@@ -317,7 +385,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     pipe[OURS] = factories[OURS]()
     first = pipe[OURS]()
     first_s = time.perf_counter() - start
-    pipe.update({name: factories[name]() for name in ("ours_in_process", "ours_augmented")})
+    pipe.update({name: factories[name]() for name in ("ours_in_process", "ours_augmented", "ours_device_augmented")})
     res = interleaved(pipe, args.reps, warmup=0)
     base = median_rate(*res[BASELINE])
     figures["pipeline_images_per_s"] = figure("images/s, epoch 2+", base, median_rate(*res[OURS]), "higher")
@@ -327,6 +395,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
                                                          median_rate(*res["ours_in_process"]), "higher")
     figures["pipeline_augmented_images_per_s"] = figure("images/s, ours with augmentation", base,
                                                         median_rate(*res["ours_augmented"]), "higher")
+    figures["pipeline_device_augmented_images_per_s"] = figure(
+        f"images/s, ours augmented on the {args.device}", base, median_rate(*res["ours_device_augmented"]), "higher")
     del pipe  # ends our loader workers
 
     progress(f"training {args.arch} at {cfg['crop_size']} px, batch {args.train_batch_size}")
@@ -338,6 +408,17 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     del runs
     figures["train_images_per_s"] = figure("images/s", median_rate(*res[BASELINE]), median_rate(*res[OURS]),
                                            "higher")
+    ceiling = None
+    end_to_end = args.device == "cuda" or args.quick  # on a CPU the training figure above tells the same story
+    if end_to_end:
+        progress(f"end to end: training epochs of {len(samples)} images, batch {args.train_batch_size}")
+        runs = {name: build() for name, build in
+                end_to_end_variants(samples, cfg, args, len(images.classes), cache_dir, tmp).items()}
+        res = interleaved(runs, args.reps)
+        del runs
+        figures["end_to_end_images_per_s"] = figure("images/s, training epochs from files", median_rate(*res[BASELINE]),
+                                                    median_rate(*res[OURS]), "higher")
+        ceiling = median_rate(*res["model_only"])
 
     progress("inference on the CPU (exporting the ONNX model first)")
     # inference on the CPU, as the app does it; ours exports the ONNX model once (timed on its own)
@@ -368,7 +449,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
              "batch": batch, "num_classes": len(images.classes), "tmp": tmp, "checkpoint": checkpoint,
              "image": image}
     progress("peak memory, one fresh process per variant")
-    memory = {phase: peak_memory(phase, setup) for phase in ("pipeline", "training", "inference")}
+    memory = {phase: peak_memory(phase, setup)
+              for phase in ("pipeline", "training", *(["end_to_end"] if end_to_end else []), "inference")}
     for phase, found_mb in memory.items():
         figures[f"peak_memory_{phase}_mb"] = figure("MB (PSS incl. workers)", found_mb[BASELINE]["rss_mb"],
                                                     found_mb[OURS]["rss_mb"], "lower")
@@ -385,6 +467,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
         "onnx_export_s": export_s,
         "preprocess_ms": preprocess_ms,
         "first_epoch_s": first_s,
+        "model_only_images_per_s": ceiling,
         "predictions_agree": {"max_abs_prob_diff": float((probs[BASELINE] - probs[OURS]).abs().max()),
                               "same_argmax": bool(torch.equal(probs[BASELINE].argmax(1), probs[OURS].argmax(1)))},
     }
@@ -399,6 +482,8 @@ def table(results: dict) -> str:
     lines += [f"preprocessing of one image (PIL resize, crop, normalise; shared): {results['preprocess_ms']:.1f} ms",
               f"ONNX export (once per checkpoint): {results['onnx_export_s']:.1f} s",
               f"our first epoch, cache build included: {results['first_epoch_s']:.1f} s",
+              *([f"the model alone on a synthetic batch on the device (the ceiling): "
+                 f"{results['model_only_images_per_s']:.1f} images/s"] if results["model_only_images_per_s"] else []),
               f"predictions agree: max |dp| {agree['max_abs_prob_diff']:.2e}, same argmax {agree['same_argmax']}"]
     return "\n".join(lines)
 
@@ -407,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # as pt_train.py trains on a GPU; no effect on the CPU
     with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
         results = measure(args, Path(tmp))
     print(table(results))

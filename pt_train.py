@@ -25,6 +25,7 @@ from torch import nn
 import calibration
 import data_loader
 import hands
+import gpu_pipeline
 import image_cache
 import image_io
 import log_experiment
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="disk: decode every image once into a memory-mapped uint8 cache that later epochs and "
                            "runs reuse (see image_cache.py); auto: disk with --gpu, where decoding limits speed, "
                            "none on the CPU, where the network does")
+    data.add_argument("--gpu_augment", action=argparse.BooleanOptionalAction, default=None,
+                      help="hold the decoded training images on the GPU (or pinned host memory) and augment and "
+                           "normalise them there in batches, per image (gpu_pipeline.py); default: on with --gpu "
+                           "unless --cache none. Without --gpu the same code runs on the CPU")
     data.add_argument("--cache_dir", default=str(image_cache.default_cache_dir()),
                       help="where --cache disk keeps its files (a tmpfs such as /dev/shm keeps them in memory)")
     model = p.add_argument_group("model")
@@ -119,8 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.amp = args.gpu
     if args.hflip is None:
         args.hflip = args.augment
+    if args.gpu_augment is None:
+        args.gpu_augment = args.gpu and args.cache != "none"
     if args.cache == "auto":
-        args.cache = "disk" if args.gpu else "none"
+        args.cache = "disk" if args.gpu or args.gpu_augment else "none"
     return args
 
 
@@ -141,6 +148,8 @@ def find_free_port() -> int:
 def _check_environment(args: argparse.Namespace) -> None:
     if args.hflip and not args.augment:
         raise UsageError("--hflip is an augmentation; it cannot be combined with --no-augment.")
+    if args.gpu_augment and args.cache == "none":
+        raise UsageError("--gpu_augment reads the decoded-image cache; drop --cache none (or add --no-gpu_augment).")
     if args.total_epochs < 1 or args.batch_size < 1 or args.world_size < 1 or args.learning_rate <= 0:
         raise UsageError("--total_epochs, --batch_size and --world_size must be at least 1, --learning_rate > 0.")
     if args.gpu and not torch.cuda.is_available():
@@ -236,6 +245,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     gpu_id = local_rank if args.gpu else None
     if gpu_id is not None:
         torch.cuda.set_device(gpu_id)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes (full batches): pick the fastest kernels once
     if threads := _num_threads(args, world_size):
         torch.set_num_threads(threads)
     images: data_loader.ImageList = prepared["images"]
@@ -250,14 +260,21 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
                  len(images.skipped))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=args.num_workers, seed=args.seed,
                        pin_memory=args.gpu)
-    train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
+    if args.gpu_augment:
+        train_loader = gpu_pipeline.DeviceLoader.from_cache(
+            splits.train, transform, args.batch_size, augment=args.augment, hflip=args.hflip,
+            device=torch.device("cuda", gpu_id) if args.gpu else torch.device("cpu"), rank=rank,
+            world_size=world_size, seed=args.seed)
+    else:
+        train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
     val_loader = data_loader.make_loader(splits.val, args.batch_size, train=False, **loader_args)
 
     net = models.build_model(args.arch, len(images.classes), args.weights)
     if args.freeze_backbone:
         models.set_backbone_trainable(net, False)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # the fused kernel updates all parameters in one launch instead of several per tensor
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=args.gpu)
     # one MLflow run per training, rank 0's; made here in the worker, as mp.spawn passes only picklable args
     tracker = (log_experiment.TrainingTracker(args, prepared["root"], len(images.samples), len(images.classes))
                if args.mlflow and rank == 0 else None)
@@ -363,11 +380,24 @@ def run_ddp_worker(rank: int, world_size: int, args: argparse.Namespace, prepare
     backend = "nccl" if args.gpu else "gloo"
     if args.gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    store = _restart_store(rank, world_size) if launched_by_torchrun() else None
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store)
     try:
         train_worker(rank, world_size, args, prepared)
     finally:
         dist.destroy_process_group()
+
+
+def _restart_store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's store, seen through a prefix naming this restart.
+
+    torchrun's agent hosts one TCPStore for the whole job and restarted workers join that same store, but
+    torch's env:// rendezvous prefixes nothing per restart: the new group would read the dead workers' gloo and
+    NCCL addresses and barrier counts left from the last attempt (connection refused in connectFullMesh, or a
+    hang). Each restart gets keys of its own instead.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    return dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def launched_by_torchrun() -> bool:

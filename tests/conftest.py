@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # before anything imports mlflow: it decides at import time whether to send usage telemetry
@@ -45,6 +46,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 requires_shared = pytest.mark.skipif(not SHARED_ASL.is_dir(), reason="real ASL images (../shared/asl) not present")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run gpu_check.sh on one)")
 
 
 @pytest.fixture(scope="session")

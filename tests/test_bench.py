@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
 FIGURES = {"pipeline_images_per_s", "pipeline_first_epoch_images_per_s", "pipeline_in_process_images_per_s",
-           "pipeline_augmented_images_per_s", "train_images_per_s", "latency_p50_ms", "latency_p95_ms",
+           "pipeline_augmented_images_per_s", "pipeline_device_augmented_images_per_s", "train_images_per_s",
+           "end_to_end_images_per_s", "peak_memory_end_to_end_mb", "latency_p50_ms", "latency_p95_ms",
            "batch_inference_images_per_s",
            "peak_memory_pipeline_mb", "peak_memory_training_mb", "peak_memory_inference_mb"}
 
@@ -29,6 +31,7 @@ def test_quick_bench_prints_the_table_and_every_figure(tmp_path):
     for name, fig in results["figures"].items():
         assert {"unit", "baseline", "ours", "ratio", "better"} <= set(fig), name
         assert all(math.isfinite(fig[k]) and fig[k] > 0 for k in ("baseline", "ours", "ratio")), name
+    assert results["model_only_images_per_s"] > 0  # --quick measures end to end on the CPU too
     assert results["onnx_export_s"] > 0 and results["preprocess_ms"] > 0 and results["first_epoch_s"] > 0
     assert results["predictions_agree"]["same_argmax"] and results["predictions_agree"]["max_abs_prob_diff"] < 1e-4
     assert results["settings"]["device"] in ("cpu", "cuda") and results["settings"]["load_average"]
@@ -78,3 +81,10 @@ def test_gpu_training_steps_are_timed_to_their_end(monkeypatch):
     for build in bench.training_variants(batch, {}, args, 3, None).values():
         assert build()() == 2
     assert calls == ["run_batch", "synchronize"] * 2
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_explained(capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from torch import nn
 import data_loader as dl
 import pt_engine
 import run_artifacts
+from conftest import requires_cuda
 from pt_train import find_free_port
 
 CFG = {"resize_size": 24, "crop_size": 24, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -38,14 +39,14 @@ def loaders(root: Path, rank: int = 0, world_size: int = 1, batch_size: int = 8,
 
 
 def make_trainer(root: Path, save_dir: Path, *, epochs: int = 4, lr: float = 0.05, patience: int = 10,
-                 scheduler: str = "cosine", rank: int = 0, world_size: int = 1,
+                 scheduler: str = "cosine", rank: int = 0, world_size: int = 1, gpu_id: int | None = None,
                  amp: bool = False) -> pt_engine.CustomTrainer:
     net = tiny_net()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if scheduler == "cosine"
              else torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0))
     train, val = loaders(root, rank, world_size)
-    return pt_engine.CustomTrainer(net, train, val, nn.CrossEntropyLoss(), opt, None, save_dir, patience, epochs,
+    return pt_engine.CustomTrainer(net, train, val, nn.CrossEntropyLoss(), opt, gpu_id, save_dir, patience, epochs,
                                    world_size, sched, num_classes=3, metadata={"classes": ["A", "B", "C"]}, amp=amp)
 
 
@@ -176,3 +177,32 @@ def test_ddp_ranks_stop_early_at_the_same_epoch(tmp_path):
     losses = [h["val_loss"] for h in histories[0]]
     assert losses[-1] >= min(losses[:-1]) and all(b < a for a, b in zip(losses, losses[1:-1]))  # stopped at the first non-improvement
     assert run_artifacts.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == len(epochs[0])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_amp_step_on_gpu_runs_bf16_without_a_scaler(synthetic_dir, tmp_path):
+    trainer = make_trainer(synthetic_dir, tmp_path, gpu_id=0, amp=True)
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()  # any GPU since Ampere
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    images, targets = next(iter(trainer.train_loader))
+    with trainer._autocast():
+        assert trainer.raw_model(images.cuda()).dtype == torch.bfloat16
+    loss = trainer.run_batch(images, targets)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_resume_on_gpu_continues_where_it_stopped(synthetic_dir, tmp_path):
+    first = make_trainer(synthetic_dir, tmp_path, gpu_id=0, amp=True)
+    first.max_epochs = 2
+    first.train()
+    resumed = make_trainer(synthetic_dir, tmp_path, gpu_id=0, amp=True)
+    resumed.resume(tmp_path / "last.pt")
+    assert resumed.epoch == 2 and next(resumed.raw_model.parameters()).device.type == "cuda"
+    for a, b in zip(first.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert [h["epoch"] for h in resumed.train()] == [1, 2, 3, 4]

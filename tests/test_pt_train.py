@@ -9,14 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from PIL import Image
 
+import data_loader
 import predict
 import pt_train
 import run_artifacts
-from conftest import ROOT, SHARED_ASL, make_image_folder, requires_shared
+from conftest import ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
 
@@ -97,6 +99,36 @@ def test_the_default_resolution_follows_the_weights_unless_given():
     assert pt_train.parse_args(["--weights", "none", "--img_size", "64"]).img_size == 64
 
 
+def test_gpu_augment_is_on_with_gpu_and_reads_the_cache():
+    on = pt_train.parse_args(["--gpu"])
+    assert on.gpu_augment and on.cache == "disk"
+    off = pt_train.parse_args([])
+    assert not off.gpu_augment and off.cache == "none"
+    assert not pt_train.parse_args(["--gpu", "--cache", "none"]).gpu_augment
+    assert pt_train.parse_args(["--gpu_augment"]).cache == "disk"
+
+
+def test_gpu_augment_with_cache_none_is_explained(synthetic_dir, tmp_path, capsys):
+    assert pt_train.main(["--xtrain_path", str(synthetic_dir), "--save_dir", str(tmp_path), "--gpu_augment",
+                          "--cache", "none"]) == 2
+    assert "--cache none" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_augment_training_resumes_exactly(synthetic_dir, tmp_path):
+    # the device path on CPU tensors: an interrupted run continues as if it had never stopped
+    common = ["--xtrain_path", str(synthetic_dir), "--gpu_augment", "--cache_dir", str(tmp_path / "cache"),
+              "--scheduler", "none", "--no-calibrate", "--weights", "none", "--img_size", "32", "--batch_size", "8",
+              "--num_workers", "0"]
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "whole"), "--total_epochs", "2"]) == 0
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "cut"), "--total_epochs", "1"]) == 0
+    assert pt_train.main([*common, "--save_dir", str(tmp_path / "cut"), "--total_epochs", "2", "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "cut"))
+    assert [h["epoch"] for h in cut] == [1, 2]
+    assert [h["train_loss"] for h in cut] == [h["train_loss"] for h in whole]
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["args"]["gpu_augment"] is True
+
+
 def test_find_free_port_gives_distinct_usable_ports():
     ports = {pt_train.find_free_port() for _ in range(5)}
     assert len(ports) >= 4 and all(1024 < p < 65536 for p in ports)
@@ -156,6 +188,33 @@ def test_run_killed_mid_epoch_resumes_to_a_complete_history(tmp_path):
     history = json.loads(history_file.read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert run_artifacts.load_checkpoint(out / "last.pt")["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_group_after_a_worker_is_killed(tmp_path):
+    # torchrun restarts both workers after one dies; the new group must not read the dead one's store keys
+    data = make_image_folder(tmp_path / "data", per_class=40)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--max-restarts", "2", "pt_train.py", "--resume", "--xtrain_path", str(data),
+                             "--save_dir", str(out), "--total_epochs", "3", *FAST], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history_file, deadline = out / "history.json", time.time() + 300
+    while time.time() < deadline and not history_file.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    workers = [p for p in psutil.Process(proc.pid).children() if "pt_train.py" in " ".join(p.cmdline())]
+    assert proc.poll() is None and len(workers) == 2, "training finished before a worker could be killed"
+    workers[-1].send_signal(signal.SIGKILL)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # a group that hangs after the restart must not outlive the test
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resumed from" in stderr
+    assert [h["epoch"] for h in json.loads(history_file.read_text())] == [1, 2, 3]
+    assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 3
 
 
 @requires_shared
@@ -235,3 +294,20 @@ def test_hflip_follows_augment_unless_given():
     assert pt_train.parse_args([]).hflip is True
     assert pt_train.parse_args(["--no-augment"]).hflip is False
     assert pt_train.parse_args(["--no-hflip"]).hflip is False
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_nccl_ddp_on_every_gpu_present_with_the_device_input_path(synthetic_dir, tmp_path):
+    out = tmp_path / "gpu"
+    gpus = torch.cuda.device_count()
+    result = cli("--xtrain_path", str(synthetic_dir), "--save_dir", str(out), "--total_epochs", "2", "--gpu",
+                 "--world_size", str(gpus), "--cache_dir", str(tmp_path / "cache"), "--weights", "none",
+                 "--img_size", "64", "--batch_size", "4", "--num_workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPU input path" in result.stderr and [h["epoch"] for h in
+                                                   json.loads((out / "history.json").read_text())] == [1, 2]
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert args["gpu_augment"] and args["amp"] and args["cache"] == "disk"
+    images = [data_loader.load_rgb(p) for p in sorted((synthetic_dir / "A").iterdir())[:4]]
+    on_gpu = predict.load_predictor(out, device="cuda").predict(images)  # the GPU predictor
+    assert on_gpu.shape == (4, 3) and torch.allclose(on_gpu, predict.load_predictor(out).predict(images), atol=1e-3)
