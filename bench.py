@@ -439,6 +439,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     # both variants share the preprocessing code: timed once, to show its share of the latency
     pre = interleaved({"preprocess": lambda: len(found[OURS].preprocess(image))}, args.latency_reps)
     preprocess_ms = statistics.median(pre["preprocess"][0]) * 1e3
+    # a hand-aware model (pt_train.py --hands fused) finds the hand in every image: part of both latencies
+    hand_ms = (statistics.median(interleaved({"hands": lambda: len(found[OURS].find_hands([image]))},
+                                             args.latency_reps)["hands"][0]) * 1e3
+               if found[OURS].uses_hands else None)
     inputs = torch.stack([found[OURS].preprocess(image_io.load_rgb(p)) for p, _ in samples[:args.batch_size]])
     res = interleaved({v: (lambda p=p: len(p.predict_batch(inputs))) for v, p in found.items()}, args.reps)
     figures["batch_inference_images_per_s"] = figure(f"images/s, batch {len(inputs)}", median_rate(*res[BASELINE]),
@@ -466,6 +470,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
         "figures": figures,
         "onnx_export_s": export_s,
         "preprocess_ms": preprocess_ms,
+        "hand_finding_ms": hand_ms,
         "first_epoch_s": first_s,
         "model_only_images_per_s": ceiling,
         "predictions_agree": {"max_abs_prob_diff": float((probs[BASELINE] - probs[OURS]).abs().max()),
@@ -480,6 +485,8 @@ def table(results: dict) -> str:
                      f"  ({f['better']} is better)")
     agree = results["predictions_agree"]
     lines += [f"preprocessing of one image (PIL resize, crop, normalise; shared): {results['preprocess_ms']:.1f} ms",
+              *([f"hand finding in one image (MediaPipe; shared, included in the latencies): "
+                 f"{results['hand_finding_ms']:.1f} ms"] if results.get("hand_finding_ms") is not None else []),
               f"ONNX export (once per checkpoint): {results['onnx_export_s']:.1f} s",
               f"our first epoch, cache build included: {results['first_epoch_s']:.1f} s",
               *([f"the model alone on a synthetic batch on the device (the ceiling): "

@@ -31,6 +31,7 @@ import argparse
 import logging
 import numbers
 import os
+import tempfile
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -177,6 +178,11 @@ def log_model(model_source: str | os.PathLike, register: str | None = None) -> M
     example = np.zeros((2, 3, crop, crop), dtype=np.float32)
     with torch.no_grad():
         logits = predictor.model(torch.from_numpy(example)).numpy()
+    if predictor.uses_hands:  # the landmark network rides along as a weights-only file of the same run
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / predict.HAND_NET_ARTIFACT
+            run_artifacts.save_checkpoint(predictor.hand_net.state_dict(), path)
+            mlflow.log_artifact(str(path))
     return mlflow.pytorch.log_model(
         predictor.model, name=MODEL_NAME, input_example=example, signature=infer_signature(example, logits),
         # the CLI arguments are the run's params already; the rest rebuilds a Predictor (load_logged_model)

@@ -44,6 +44,7 @@ BACKENDS = ("torch", "onnx")
 # evaluate.py reports how often the app would answer at it, and how often rightly.
 DEFAULT_THRESHOLD = 0.5
 NO_SIGN = "nothing"  # the class of the Kaggle dataset for "no hand in view"
+HAND_NET_ARTIFACT = "hand_net.pt"  # a hand-aware model's landmark network, beside its logged MLflow model
 
 
 class ModelLoadError(UsageError):
@@ -274,8 +275,9 @@ def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu"
         raise ModelLoadError("The ONNX backend serves a checkpoint file on the CPU; use backend='torch' for "
                              "GPUs and MLflow URIs.")
     if str(source).startswith(MLFLOW_URI_SCHEMES):
-        net, meta = load_logged_model(str(source))
-        return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta)
+        net, meta, hand_net = load_logged_model(str(source))
+        return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, [], hand_net,
+                         hand_model)
     path = checkpoint_path(source)
     ckpt = read_checkpoint(path)
     meta = ckpt["metadata"]
@@ -305,16 +307,20 @@ class ExportedModel(nn.Module):
         return self
 
 
-def load_logged_model(uri: str) -> tuple[nn.Module, dict]:
-    """The network and metadata (classes, transform, temperature) of a model that log_experiment.py logged, from
-    an MLflow URI: `runs:/RUN_ID/model` or `models:/NAME/VERSION`, in the store MLFLOW_TRACKING_URI names."""
+def load_logged_model(uri: str) -> tuple[nn.Module, dict, nn.Module | None]:
+    """The network, metadata (classes, transform, temperature) and landmark network (None unless hand-aware) of
+    a model that log_experiment.py logged, from an MLflow URI: `runs:/RUN_ID/model` or `models:/NAME/VERSION`,
+    in the store MLFLOW_TRACKING_URI names."""
     import mlflow  # here, not at the top: slow to import, and only this kind of source needs it
     from mlflow.exceptions import MlflowException
 
     tracking_uri = mlflow.get_tracking_uri()
     try:
-        metadata: Mapping = mlflow.models.get_model_info(uri).metadata or {}
+        info = mlflow.models.get_model_info(uri)
+        metadata: Mapping = info.metadata or {}
         graph = mlflow.pytorch.load_model(uri)  # MLflow checks the pt2 archive holds no pickles before loading
+        hand_file = (mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=HAND_NET_ARTIFACT)
+                     if "hands" in metadata else None)
     except (MlflowException, OSError) as err:  # OSError: connection errors and missing files alike
         raise ModelLoadError(
             f"Could not load '{uri}' from MLflow at {tracking_uri} ({type(err).__name__}: {str(err)[:300]}). "
@@ -323,4 +329,9 @@ def load_logged_model(uri: str) -> tuple[nn.Module, dict]:
     if not {"classes", "transform"} <= metadata.keys():
         raise ModelLoadError(f"'{uri}' has no classes and transform in its metadata: only models logged by "
                              "pt_train.py --mlflow or log_experiment.py can be loaded here.")
-    return ExportedModel(graph), dict(metadata)
+    metadata = dict(metadata)
+    hand_net = None
+    if hand_file is not None:
+        hand_net = hand_net_from_checkpoint({"metadata": metadata,
+                                             "hand_net": run_artifacts.load_checkpoint(hand_file)})
+    return ExportedModel(graph), metadata, hand_net

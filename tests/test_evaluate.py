@@ -358,3 +358,39 @@ def test_29_class_model_on_the_kaggle_test_folder(tmp_path, trained_run):
     code, _, err = run_cli("--model_dir", str(trained_run), "--test_dir", str(SHARED_ASL / "test"),
                            "--out_dir", str(out))
     assert code == 2 and "does not know: D, E, F" in err and "nothing, space" in err
+
+
+def test_hand_and_trust_metrics_count_what_the_app_would_answer():
+    import hands
+
+    classes = ["A", "B", "nothing"]
+    probs = np.array([[0.9, 0.05, 0.05],   # A, sure, right
+                      [0.2, 0.7, 0.1],     # B, sure, wrong (truth A)
+                      [0.45, 0.4, 0.15],   # A, unsure
+                      [0.8, 0.1, 0.1]])    # A, sure, but no hand found
+    y_true = np.array([0, 0, 0, 0])
+    hand = hands.Hand(np.zeros((21, 3), np.float32), np.zeros((21, 3), np.float32), "Right", 1.0)
+    m = evaluate.hand_and_trust_metrics(y_true, probs, classes, [hand, hand, hand, None], 0.5)
+    assert m["hands"] == {"found_share": 0.75, "n_with_hand": 3, "n_without_hand": 1,
+                          "accuracy_with_hand": pytest.approx(2 / 3), "accuracy_without_hand": 1.0}
+    assert m["trust"]["coverage"] == 0.5 and m["trust"]["accuracy_when_answered"] == 0.5
+    assert m["trust"]["ece"] > 0
+    # a model that does not look for hands answers whenever it is sure
+    assert evaluate.hand_and_trust_metrics(y_true, probs, classes, None, 0.5)["trust"]["coverage"] == 0.75
+
+
+@pytest.mark.slow
+def test_a_hand_aware_model_is_evaluated_with_its_hands(hand_run, tmp_path):
+    data = tmp_path / "external"
+    for name in ("A", "B", "L"):
+        (data / name).mkdir(parents=True)
+        for n in range(1, 6):
+            shutil.copy(SHARED_ASL / "external" / name / f"{n}.jpg", data / name)
+    out = tmp_path / "report"
+    code, stdout, _ = run_cli("--model_dir", str(hand_run), "--test_dir", str(data), "--out_dir", str(out))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    found = evaluate.find_hands(predict.load_predictor(hand_run), [(str(p), 0) for p in sorted(data.rglob("*.jpg"))])
+    assert metrics["hands"]["found_share"] == pytest.approx(np.mean([h is not None for h in found]))
+    assert 0 < metrics["hands"]["n_with_hand"] <= 15 and 0 <= metrics["trust"]["coverage"] <= 1
+    assert "## Hands and trust" in (out / "report.md").read_text() and "hand found in" in stdout

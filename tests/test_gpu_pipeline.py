@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 import data_loader
 import gpu_pipeline
 import image_cache
+import image_io
 import model as models
 from conftest import make_image_folder, requires_cuda
 
@@ -95,7 +96,7 @@ def test_without_augmentation_the_tensors_equal_the_plain_path(synthetic_dir, tm
     images, labels = next(iter(batches))
     order = list(batches.sampler)
     plain = data_loader.eval_transform(CFG)
-    expected = torch.stack([plain(data_loader.load_rgb(dataset.samples[i][0])) for i in order])
+    expected = torch.stack([plain(image_io.load_rgb(dataset.samples[i][0])) for i in order])
     assert torch.allclose(images, expected, atol=1e-5)
 
 

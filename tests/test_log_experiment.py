@@ -441,3 +441,16 @@ def test_dagshub_rejecting_the_token_is_explained(dagshub_requests, monkeypatch)
     with pytest.raises(log_experiment.TrackingError, match=log_experiment.DAGSHUB_TOKEN_PAGE):
         log_experiment.configure_tracking(dagshub_repo="alice/asl-signs")
     assert dagshub_requests and "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+@pytest.mark.slow
+def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store):
+    mlflow.set_tracking_uri(store)
+    run_id = log_experiment.log_training_folder(hand_run, run_name="hands")
+    logged = predict.load_predictor(f"runs:/{run_id}/model")
+    checkpoint = predict.load_predictor(hand_run)
+    assert logged.uses_hands and logged.metadata["hands"] == checkpoint.metadata["hands"]
+    for a, b in zip(logged.hand_net.state_dict().values(), checkpoint.hand_net.state_dict().values()):
+        assert torch.equal(a, b)
+    image = load_rgb(ROOT.parent / "shared" / "asl" / "train" / "B" / "B1300.jpg")
+    torch.testing.assert_close(logged.predict([image]), checkpoint.predict([image]), rtol=1e-5, atol=1e-6)

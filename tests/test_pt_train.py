@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data_loader
+import image_io
 import predict
 import pt_train
 import run_artifacts
@@ -214,7 +214,7 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert "Resumed from" in stderr
     assert [h["epoch"] for h in json.loads(history_file.read_text())] == [1, 2, 3]
-    assert pt_engine.load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert run_artifacts.load_checkpoint(out / "last.pt")["epoch"] == 3
 
 
 @requires_shared
@@ -308,6 +308,6 @@ def test_nccl_ddp_on_every_gpu_present_with_the_device_input_path(synthetic_dir,
                                                    json.loads((out / "history.json").read_text())] == [1, 2]
     args = json.loads((out / "config.json").read_text())["args"]
     assert args["gpu_augment"] and args["amp"] and args["cache"] == "disk"
-    images = [data_loader.load_rgb(p) for p in sorted((synthetic_dir / "A").iterdir())[:4]]
+    images = [image_io.load_rgb(p) for p in sorted((synthetic_dir / "A").iterdir())[:4]]
     on_gpu = predict.load_predictor(out, device="cuda").predict(images)  # the GPU predictor
     assert on_gpu.shape == (4, 3) and torch.allclose(on_gpu, predict.load_predictor(out).predict(images), atol=1e-3)
