@@ -218,7 +218,7 @@ def load_model(source: str, device: str, stamp: int, backend: str = "torch") -> 
     A hand-aware model's hand finder is loaded here too, so that a missing MediaPipe shows up at once."""
     predictor = predict.load_predictor(source, device, backend)
     if predictor.uses_hands:
-        predictor.finder
+        _ = predictor.finder  # an assignment: a bare expression would be drawn on the page (Streamlit's "magic")
     return predictor
 
 

@@ -6,6 +6,7 @@ drives it directly: no `playwright install`, no browser download.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -52,22 +53,27 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: f
 
 
 @pytest.fixture
-def served_app(trained_run, tmp_path):
-    """`streamlit run app.py` against the tiny model on a free loopback port; stopped after the test."""
-    port = free_port()
-    log = tmp_path / "streamlit.log"
-    env = dict(os.environ, ASL_MODEL_DIR=str(trained_run), OMP_NUM_THREADS="1")
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-             str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
+def serve(tmp_path):
+    """Starts `streamlit run app.py` against a model on a free loopback port; returns its URL. Stopped after the
+    test."""
+    servers = []
+
+    def start(model_dir: Path) -> str:
+        port = free_port()
+        log = tmp_path / f"streamlit-{port}.log"
+        env = dict(os.environ, ASL_MODEL_DIR=str(model_dir), OMP_NUM_THREADS="1")
+        with log.open("w") as out:
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+                 str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+                 "--server.fileWatcherType", "none"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, server, log)
-        yield url
-    finally:
+        wait_until_healthy(url, servers[-1], log)
+        return url
+
+    yield start
+    for server in servers:
         server.terminate()
         try:
             server.wait(timeout=10)
@@ -76,28 +82,63 @@ def served_app(trained_run, tmp_path):
             server.wait()
 
 
-def test_uploading_an_image_in_a_real_browser_shows_the_prediction(served_app, trained_run, synthetic_dir):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def browser_page(artifact: Path):
+    """A page of headless Chromium; its screenshot lands in `artifact`, also when the test failed (it shows why)."""
+    from playwright.sync_api import sync_playwright
 
-    image = synthetic_dir / "C" / "C3.jpg"
-    label, probability = predict.load_predictor(trained_run).top_k(Image.open(image).convert("RGB"), 1)[0]
-    ARTIFACT.parent.mkdir(exist_ok=True)
+    artifact.parent.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         try:
-            page.goto(served_app)
-            # the tiny test model is rarely sure of itself: move the threshold to 0 as a user would, by keyboard
-            page.get_by_role("slider").focus(timeout=TIMEOUT_MS)
-            page.keyboard.press("Home")
-            page.locator("input[type=file]").set_input_files(image)
-            expect(page.get_by_text("Prediction:")).to_have_text(
-                f"Prediction: {label}, probability {probability:.1%}", timeout=TIMEOUT_MS)
-            expect(page.get_by_text("As the model saw it")).to_be_visible()
-            # the top-5 chart: drawn by Vega once its script has loaded
-            expect(page.get_by_test_id("stVegaLiteChart").locator("canvas, svg").first).to_be_visible(
-                timeout=TIMEOUT_MS)
+            yield page
         finally:
-            page.screenshot(path=ARTIFACT, full_page=True)  # also when it failed: the picture shows why
+            page.screenshot(path=artifact, full_page=True)
             browser.close()
-    assert ARTIFACT.stat().st_size > 10_000
+    assert artifact.stat().st_size > 10_000
+
+
+def upload_at_threshold_0(page, url: str, image: Path) -> None:
+    page.goto(url)
+    # the tiny test models are rarely sure of themselves: move the threshold to 0 as a user would, by keyboard
+    page.get_by_role("slider").focus(timeout=TIMEOUT_MS)
+    page.keyboard.press("Home")
+    page.locator("input[type=file]").set_input_files(image)
+
+
+def test_uploading_an_image_in_a_real_browser_shows_the_prediction(serve, trained_run, synthetic_dir):
+    from playwright.sync_api import expect
+
+    image = synthetic_dir / "C" / "C3.jpg"
+    label, probability = predict.load_predictor(trained_run).top_k(Image.open(image).convert("RGB"), 1)[0]
+    with browser_page(ARTIFACT) as page:
+        upload_at_threshold_0(page, serve(trained_run), image)
+        expect(page.get_by_text("Prediction:")).to_have_text(
+            f"Prediction: {label}, probability {probability:.1%}", timeout=TIMEOUT_MS)
+        expect(page.get_by_text("As the model saw it")).to_be_visible()
+        # the top-5 chart: drawn by Vega once its script has loaded
+        expect(page.get_by_test_id("stVegaLiteChart").locator("canvas, svg").first).to_be_visible(
+            timeout=TIMEOUT_MS)
+
+
+def test_the_hand_aware_app_in_a_real_browser_draws_the_hand_or_says_there_is_none(serve, hand_run, tmp_path):
+    from playwright.sync_api import expect
+
+    from conftest import SHARED_ASL
+
+    image = SHARED_ASL / "train" / "B" / "B1300.jpg"
+    label, _ = predict.load_predictor(hand_run).top_k(Image.open(image).convert("RGB"), 1)[0]
+    url = serve(hand_run)
+    with browser_page(ROOT / "test-artifacts" / "app_hands.png") as page:
+        upload_at_threshold_0(page, url, image)
+        expect(page.get_by_text("Prediction:")).to_contain_text(f"Prediction: {label},", timeout=TIMEOUT_MS)
+        expect(page.get_by_text("the hand MediaPipe found")).to_be_visible()
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (160, 120), (90, 120, 160)).save(blank)
+    with browser_page(ROOT / "test-artifacts" / "app_no_hand.png") as page:
+        upload_at_threshold_0(page, url, blank)
+        expect(page.get_by_text("No hand found.")).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("Your image (160x120), no hand found")).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("Prediction:")).to_have_count(0)
+        expect(page.get_by_text("HandFinder")).to_have_count(0)  # nothing of the code leaks onto the page
