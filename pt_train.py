@@ -306,11 +306,15 @@ def _hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], a
 
 
 def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None,
-                    found: dict[str, hands.Hand], splits: data_loader.Splits, num_classes: int) -> nn.Module:
+                    found: dict[str, hands.Hand], splits: data_loader.Splits, num_classes: int) -> nn.Module | None:
     """Train the landmark network on the hands of the training split, validated on the held-out split's hands;
     checkpoints in SAVE_DIR/hand_net, so --resume continues this phase too."""
     (train_set, _), (val_set, _) = (_hand_set(splits.train_samples, found, True),
                                     _hand_set(splits.val_samples, found, False))
+    if not len(train_set) or not len(val_set):
+        log.warning("No hand found in the %s images: the model reads the image alone.",
+                    "training" if not len(train_set) else "validation")
+        return None
     if rank == 0:
         log.info("Landmark network: %d training and %d validation hands", len(train_set), len(val_set))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=0, seed=args.seed)
