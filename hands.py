@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import subprocess
@@ -103,7 +104,7 @@ def _download_bundle() -> bytes:
     log.info("Fetching the hand model from %s", HAND_MODEL_URL)
     with urllib.request.urlopen(HAND_MODEL_URL, timeout=20) as response:
         data = response.read()
-    zipfile.ZipFile(_bytes_io(data)).testzip()  # a proxy's error page is not a model
+    zipfile.ZipFile(io.BytesIO(data)).testzip()  # a proxy's error page is not a model
     return data
 
 
@@ -112,22 +113,18 @@ def _bundle_from_wheel() -> bytes:
     log.info("Fetching the hand model from PyPI (%s, about 36 MB)", OFFLINE_WHEEL)
     with tempfile.TemporaryDirectory() as tmp:
         # the wheel is only unzipped, never installed: any platform's build holds the same model files
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", OFFLINE_WHEEL,
-                        "--dest", tmp], check=True, capture_output=True, text=True, timeout=600)
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                              "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", OFFLINE_WHEEL,
+                              "--dest", tmp], capture_output=True, text=True, timeout=600)
+        if pip.returncode != 0:  # pip's own last words say why (no index reachable, no such version)
+            raise OSError((pip.stderr.strip() or f"pip exited with {pip.returncode}").splitlines()[-1])
         (wheel,) = Path(tmp).glob("mediapipe-*.whl")
-        out = _bytes_io()
+        out = io.BytesIO()
         with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as bundle:
             for member, source in _WHEEL_MEMBERS.items():
                 # a fixed timestamp: the same bundle, byte for byte, wherever it is built (the hand cache keys on it)
                 bundle.writestr(zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0)), src.read(source))
         return out.getvalue()
-
-
-def _bytes_io(data: bytes = b""):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _sha256(path: Path) -> str:
@@ -257,7 +254,7 @@ def _save_cache(path: Path, model_hash: str, hands: dict[str, Hand | None]) -> N
         "score": np.array([hands[k].score if hands[k] else 0.0 for k in keys], np.float32),
         "aspect": np.array([hands[k].aspect if hands[k] else 1.0 for k in keys], np.float32),
     }
-    buffer = _bytes_io()
+    buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     run_artifacts.save_bytes(buffer.getvalue(), path)
