@@ -11,12 +11,13 @@ import os
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -79,10 +80,12 @@ def is_image_file(path: Path) -> bool:
 
 @dataclass
 class ImageList:
-    """The images found in a dataset folder and what was skipped."""
+    """The images found in one or more dataset folders and what was skipped."""
     samples: list[Sample]
     classes: list[str]
     skipped: list[str]
+    roots: list[str] = field(default_factory=list)
+    folders: list[int] = field(default_factory=list)  # the index in `roots` of each sample's folder
 
 
 def scan_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageList:
@@ -107,7 +110,41 @@ def scan_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageLis
                            "Remove them or add images.")
     if skipped:
         log.warning("Skipped %d unreadable or non-image file(s) in %s, e.g. %s", len(skipped), root, skipped[0])
-    return ImageList(samples, classes, skipped)
+    return ImageList(samples, classes, skipped, [str(root)], [0] * len(samples))
+
+
+def class_key(name: str) -> str:
+    """Class names match across folders and models case-insensitively: `a/` holds the letter of `A/`."""
+    return name.casefold()
+
+
+def scan_folders(roots: Sequence[str | os.PathLike], known_classes: Sequence[str] = ()) -> ImageList:
+    """Scan several folders of class sub-folders as one dataset; a folder may hold only some of the classes.
+
+    Classes are merged by name (`class_key`): `known_classes` (a model being fine-tuned) keep their order and
+    spelling and the others follow, sorted; without known classes the order is sorted, as for one folder.
+    """
+    resolved = [resolve_train_dir(root) for root in roots]
+    repeated = sorted({str(r) for r in resolved if sum(r.resolve() == o.resolve() for o in resolved) > 1})
+    if repeated:
+        raise DatasetError(f"--xtrain_path names the same folder twice: {', '.join(repeated)}. Name each once.")
+    lists = [scan_image_folder(root, min_classes=1) for root in resolved]
+    names: dict[str, str] = {class_key(name): name for name in known_classes}
+    for images in lists:
+        for name in images.classes:
+            names.setdefault(class_key(name), name)
+    new = sorted(name for key, name in names.items() if key not in {class_key(c) for c in known_classes})
+    classes = list(known_classes) + new if known_classes else sorted(names.values())
+    if len(classes) < 2:
+        raise DatasetError(f"The folders {', '.join(map(str, resolved))} hold {len(classes)} class(es) in all; a "
+                           "classifier needs at least 2. Point --xtrain_path at folders of class sub-folders.")
+    index = {class_key(name): i for i, name in enumerate(classes)}
+    merged = ImageList([], classes, [], [str(root) for root in resolved], [])
+    for folder, images in enumerate(lists):
+        merged.samples += [(path, index[class_key(images.classes[label])]) for path, label in images.samples]
+        merged.folders += [folder] * len(images.samples)
+        merged.skipped += images.skipped
+    return merged
 
 
 def label_from_filename(path: str | os.PathLike) -> str | None:
@@ -139,7 +176,8 @@ def scan_flat_folder(root: str | os.PathLike) -> ImageList:
     index = {name: i for i, name in enumerate(classes)}
     if skipped:
         log.warning("Skipped %d unreadable or unlabelled file(s) in %s, e.g. %s", len(skipped), root, skipped[0])
-    return ImageList([(path, index[label]) for path, label in labelled], classes, skipped)
+    return ImageList([(path, index[label]) for path, label in labelled], classes, skipped, [str(root)],
+                     [0] * len(labelled))
 
 
 def frame_number(path: str) -> int | None:
@@ -434,6 +472,75 @@ class FinishingLoader:
         return getattr(self.loader, name)
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """How one training folder is split. `per_class` keeps only that many training images per class, spread
+    evenly over each class's frames, and at most REPLAY_VAL_PER_CLASS validation images: the replay of a
+    model's own training data while it is fine-tuned on other folders."""
+    val_split: float
+    seed: int
+    split_by: str = "auto"
+    per_class: int | None = None
+
+
+# Replayed data is validated on a sample of the held-out images it has: enough to see forgetting, and cheap
+# per epoch (the whole Kaggle dataset's held-out tenth would take longer to score than the fine-tuning step).
+REPLAY_VAL_PER_CLASS = 30
+
+
+def _evenly(indices: list[int], samples: list[Sample], n: int) -> list[int]:
+    """`n` of each class's `indices`, evenly spaced in frame order (neighbouring frames are near-duplicates)."""
+    kept = []
+    for _, idx in sorted(_by_class([samples[i] for i in indices]).items()):
+        ordered = sorted((indices[j] for j in idx), key=lambda i: (frame_number(samples[i][0]) or 0, samples[i][0]))
+        kept += ordered if len(ordered) <= n else [ordered[len(ordered) * k // n] for k in range(n)]
+    return sorted(kept)
+
+
+def split_folders(images: ImageList, rules: Sequence[SplitRule]) -> tuple[list[int], list[int], list[int]]:
+    """Train and validation indices into `images.samples`, each folder split on its own by its rule (so every
+    folder has held-out images of its own), and the split block of every sample, numbered across folders."""
+    train, val, blocks = [], [], [0] * len(images.samples)
+    for folder, rule in enumerate(rules):
+        members = [i for i, f in enumerate(images.folders) if f == folder]
+        samples = [images.samples[i] for i in members]
+        folder_train, folder_val = split_samples(samples, rule.val_split, rule.seed, rule.split_by)
+        folder_train, folder_val = [members[i] for i in folder_train], [members[i] for i in folder_val]
+        if rule.per_class is not None:
+            folder_train = _evenly(folder_train, images.samples, rule.per_class)
+            folder_val = _evenly(folder_val, images.samples, REPLAY_VAL_PER_CLASS)
+        offset = max(blocks, default=-1) + 1
+        for i, block in zip(members, block_ids(samples, rule.split_by)):
+            blocks[i] = offset + block
+        train += folder_train
+        val += folder_val
+    return sorted(train), sorted(val), blocks
+
+
+def recorded_folders(meta: Mapping) -> list[tuple[str, SplitRule]]:
+    """The folders a run trained on and the rule that split each, from its config.json (or a checkpoint's
+    metadata). Runs from before multi-folder training recorded one folder, as `data_root`."""
+    if "folders" in meta:
+        return [(folder["root"], SplitRule(**folder["rule"])) for folder in meta["folders"]]
+    return [(meta["data_root"], SplitRule(meta["args"]["val_split"], meta["args"]["seed"], meta["split_by"]))]
+
+
+def recorded_val(split: Mapping, meta: Mapping) -> list[tuple[str, list[str]]]:
+    """Each training folder with its held-out files (relative to it), from a run's split.json; older runs
+    listed one folder's files as `val`."""
+    if "folders" in split:
+        return [(folder["root"], folder["val"]) for folder in split["folders"]]
+    return [(recorded_folders(meta)[0][0], split["val"])]
+
+
+def subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
+    """The images of `dataset` at `indices`, keeping its `finish_transform` (see `make_loader`)."""
+    part = Subset(dataset, list(indices))
+    if hasattr(dataset, "finish_transform"):
+        part.finish_transform = dataset.finish_transform
+    return part
+
+
 @dataclass
 class Splits:
     """What training needs to know about its data."""
@@ -445,15 +552,24 @@ class Splits:
     split_by: str
     skipped: list[str]
     val_blocks: list[int]  # the split block of each validation sample (`block_ids`)
+    roots: list[str]
+    train_folders: list[int]  # the folder (index in `roots`) of each training sample
+    val_folders: list[int]  # and of each validation sample
+    folder_split_by: list[str]  # the split each folder got (`resolve_split_by`)
 
 
 def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: int = 0, split_by: str = "auto",
-                 augment: bool = True, hflip: bool = False) -> Splits:
-    """Split scanned images and wrap both sides with their transforms (validation is never augmented)."""
-    train_idx, val_idx = split_samples(images.samples, val_split, seed, split_by)
+                 augment: bool = True, hflip: bool = False, rules: Sequence[SplitRule] | None = None) -> Splits:
+    """Split scanned images, each folder by its own `rules` (default: the same rule, from val_split, seed and
+    split_by, for every folder), and wrap both sides with their transforms (validation is never augmented)."""
+    rules = rules or [SplitRule(val_split, seed, split_by)] * len(images.roots)
+    train_idx, val_idx, blocks = split_folders(images, rules)
     train_samples = [images.samples[i] for i in train_idx]
     val_samples = [images.samples[i] for i in val_idx]
-    blocks = block_ids(images.samples, split_by)
+    folder_split_by = [resolve_split_by([s for s, f in zip(images.samples, images.folders) if f == folder],
+                                        rule.split_by) for folder, rule in enumerate(rules)]
     return Splits(ImageDataset(train_samples, train_transform(cfg, augment, hflip)),
                   ImageDataset(val_samples, eval_transform(cfg)), images.classes, train_samples, val_samples,
-                  resolve_split_by(images.samples, split_by), images.skipped, [blocks[i] for i in val_idx])
+                  "/".join(sorted(set(folder_split_by))), images.skipped, [blocks[i] for i in val_idx],
+                  images.roots, [images.folders[i] for i in train_idx], [images.folders[i] for i in val_idx],
+                  folder_split_by)

@@ -134,41 +134,52 @@ def _run_file(run_dir: Path | None, name: str):
 
 
 def load_validation_split(predictor: predict.Predictor, run_dir: Path | None) -> EvalSet:
-    """The validation split recomputed as training made it, checked against training's own list (split.json).
+    """The validation split recomputed as training made it (each training folder by its own rule), checked
+    against training's own list (split.json).
 
-    If the two differ, the data folder changed since training, and the recomputed split may hold images that
+    If the two differ, a data folder changed since training, and the recomputed split may hold images that
     training saw: then the files of split.json that still exist are scored instead.
     """
     config = _run_file(run_dir, "config.json") or predictor.metadata
     try:
-        root, split_by = Path(config["data_root"]), config["split_by"]
-        val_split, seed = config["args"]["val_split"], config["args"]["seed"]
+        folders = data_loader.recorded_folders(config)
     except KeyError as err:
         raise DatasetError(f"The model's config.json has no {err}, so its validation split cannot be recomputed; "
                            "pass --test_dir.") from None
-    if not root.is_dir():
-        raise DatasetError(f"The training data folder '{root}' (from the model's config.json) is not on this "
-                           "machine, so its validation split cannot be recomputed; pass --test_dir.")
-    images = data_loader.scan_image_folder(root)
-    _, val_idx = data_loader.split_samples(images.samples, val_split, seed, split_by)
+    roots = [Path(root) for root, _ in folders]
+    for root in roots:
+        if not root.is_dir():
+            raise DatasetError(f"The training data folder '{root}' (from the model's config.json) is not on this "
+                               "machine, so its validation split cannot be recomputed; pass --test_dir.")
+    images = data_loader.scan_folders(roots, predictor.classes)
+    _, val_idx, _ = data_loader.split_folders(images, [rule for _, rule in folders])
     recomputed = [(images.samples[i][0], images.classes[images.samples[i][1]]) for i in val_idx]
-    relative = [str(Path(path).relative_to(root)) for path, _ in recomputed]
-    description = f"validation split of `{root}` ({split_by} split, val_split {val_split}, seed {seed})"
-    saved = _run_file(run_dir, "split.json")
-    where = f"The training data folder '{root}'"
-    if saved is None or saved["val"] == relative:
+    relative = [(images.folders[i], str(Path(images.samples[i][0]).relative_to(roots[images.folders[i]])))
+                for i in val_idx]
+    description = "validation split of " + ", ".join(
+        f"`{root}` ({rule.split_by} split, val_split {rule.val_split}, seed {rule.seed}"
+        f"{f', {rule.per_class} per class replayed' if rule.per_class is not None else ''})" for root, rule in folders)
+    saved_split = _run_file(run_dir, "split.json")
+    where = "The training data folder(s)"
+    # by folder number and relative path: the folders may have moved since training, as long as config.json says where
+    saved = ([(k, r) for k, (_, val) in enumerate(data_loader.recorded_val(saved_split, config)[:len(roots)])
+              for r in val] if saved_split is not None else None)
+    if saved is None or saved == relative:
         note = ("No split.json next to the model: the recomputed validation split could not be checked against "
                 "the one training used." if saved is None else
                 f"The recomputed validation split equals the {len(relative)} files training held out (split.json).")
         return EvalSet(description, _model_labels(recomputed, predictor.classes, where), list(images.skipped), [note])
-    gone = [r for r in saved["val"] if not (root / r).is_file()]
-    new = sorted(set(relative) - set(saved["val"]))
-    kept = [(str(root / r), Path(r).parts[0]) for r in saved["val"] if (root / r).is_file()]
-    note = (f"The validation split recomputed from '{root}' differs from the one training used (split.json): "
-            f"{len(gone)} of its files are gone and {len(new)} files are new to it, so the folder changed since "
-            f"training. Scoring the {len(kept)} files of split.json that still exist, none of which training saw.")
-    return EvalSet(description + ", files from split.json", _model_labels(kept, predictor.classes, where),
-                   [str(root / r) for r in gone], [note])
+    gone = [str(roots[k] / r) for k, r in saved if not (roots[k] / r).is_file()]
+    new = set(relative) - set(saved)
+    by_key = {data_loader.class_key(name): name for name in predictor.classes}
+    kept = [(str(roots[k] / r), by_key.get(data_loader.class_key(Path(r).parts[0]), Path(r).parts[0]))
+            for k, r in saved if (roots[k] / r).is_file()]
+    note = (f"The validation split recomputed from the training folders differs from the one training used "
+            f"(split.json): {len(gone)} of its files are gone and {len(new)} files are new to it, so a folder "
+            f"changed since training. Scoring the {len(kept)} files of split.json that still exist, none of which "
+            "training saw.")
+    return EvalSet(description + ", files from split.json", _model_labels(kept, predictor.classes, where), gone,
+                   [note])
 
 
 def subsample(samples: list[Sample], per_class: int, seed: int) -> list[Sample]:

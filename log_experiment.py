@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+import data_loader
 import predict
 import run_artifacts
 from errors import UsageError
@@ -143,9 +144,10 @@ def git_tags(path: Path = PROJECT_DIR) -> dict[str, str]:
     return {MLFLOW_GIT_COMMIT: commit} if commit else {}
 
 
-def dataset_tags(data_root: str, num_images: int, num_classes: int) -> dict[str, str]:
-    return {"dataset_path": str(Path(data_root).resolve()), "dataset_images": str(num_images),
-            "dataset_classes": str(num_classes)}
+def dataset_tags(roots: list[str], num_images: int, num_classes: int) -> dict[str, str]:
+    """The training folders (one per line), the number of images and classes."""
+    return {"dataset_path": "\n".join(str(Path(root).resolve()) for root in roots),
+            "dataset_images": str(num_images), "dataset_classes": str(num_classes)}
 
 
 def log_epoch(record: Mapping[str, float]) -> None:
@@ -233,7 +235,13 @@ def log_training_folder(save_dir: str | os.PathLike, experiment_name: str = DEFA
         split = run_artifacts.load_json(save_dir / "split.json")
     except (OSError, ValueError) as err:
         raise TrackingError(f"'{save_dir}' is not a complete training folder of pt_train.py ({err}).") from None
-    tags = dataset_tags(config["data_root"], split["num_train"] + len(split["val"]), config["num_classes"])
+    try:
+        roots = [root for root, _ in data_loader.recorded_folders(config)]
+        held_out = sum(len(val) for _, val in data_loader.recorded_val(split, config))
+    except KeyError as err:
+        raise TrackingError(f"'{save_dir}' is not a complete training folder of pt_train.py (no {err} in its "
+                            "config.json or split.json).") from None
+    tags = dataset_tags(roots, split["num_train"] + held_out, config["num_classes"])
     return create_experiment(experiment_name, run_name, best_epoch_metrics(history), save_dir,
                              run_files(save_dir), config["args"], tags, history=history, register=register)
 
@@ -249,10 +257,10 @@ class TrainingTracker:
     folder, or marks the run FAILED (KILLED on Ctrl-C) when training raised.
     """
 
-    def __init__(self, args: argparse.Namespace, data_root: str, num_images: int, num_classes: int):
+    def __init__(self, args: argparse.Namespace, roots: list[str], num_images: int, num_classes: int):
         self.args = args
         self.save_dir = Path(args.save_dir)
-        self.tags = dataset_tags(data_root, num_images, num_classes)
+        self.tags = dataset_tags(roots, num_images, num_classes)
         self.tracking_uri: str | None = None
         self.stopped = False  # set by the first failing MLflow call: nothing more is attempted
 

@@ -18,7 +18,7 @@ which `head_parameters` and `set_backbone_trainable` rely on.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -101,6 +101,23 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     head = {id(p) for p in head_parameters(model)}
     for p in model.parameters():
         p.requires_grad = trainable or id(p) in head
+
+
+def carry_over(net: nn.Module, state: Mapping[str, torch.Tensor], old_classes: Sequence[str],
+               new_classes: Sequence[str]) -> None:
+    """Start `net`, built for `new_classes`, from a trained network's `state` (trained on `old_classes`), to
+    fine-tune it: every weight as trained, and the rows of the output layer (the last Linear) matched by class
+    name, so a class keeps its row wherever it sits; classes the trained network did not know keep their fresh
+    rows. Works for the image network and `LandmarkNet` alike."""
+    head = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]
+    pairs = [(new_classes.index(name), i) for i, name in enumerate(old_classes) if name in new_classes]
+    new_rows, old_rows = (list(rows) for rows in zip(*pairs)) if pairs else ([], [])
+    merged = dict(state)
+    for key in (f"{head}.weight", f"{head}.bias"):
+        rows = net.state_dict()[key].clone()
+        rows[new_rows] = state[key][old_rows].to(rows.dtype)
+        merged[key] = rows
+    net.load_state_dict(merged)
 
 
 def _check_arch(arch: str) -> None:

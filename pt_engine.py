@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -59,7 +59,8 @@ class CustomTrainer:
     checkpoints use the plain module.
     """
 
-    def __init__(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: nn.Module,
+    def __init__(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Mapping[str, DataLoader],
+                 criterion: nn.Module,
                  optimizer: torch.optim.Optimizer, gpu_id: int | None, save_dir: str | os.PathLike, patience: int,
                  max_epochs: int, world_size: int = 1, scheduler=None, *, num_classes: int,
                  metadata: dict | None = None, amp: bool = False, callbacks: list[EpochCallback] | None = None,
@@ -74,7 +75,10 @@ class CustomTrainer:
                       if world_size > 1 else model)
         if compile_model:
             self.model = torch.compile(self.model)
-        self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_loader = train_loader
+        # several named loaders (one per training folder): their images make the validation figures together,
+        # and each folder also gets its own accuracy, `val_acc/NAME` in the history
+        self.val_loaders = dict(val_loader) if isinstance(val_loader, Mapping) else {"": val_loader}
         self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
         self.save_dir = Path(save_dir)
         self.patience, self.max_epochs = patience, max_epochs
@@ -87,6 +91,8 @@ class CustomTrainer:
         self.scaler = torch.amp.GradScaler(enabled=amp and self.amp_dtype == torch.float16)
         self.train_metrics = self._metrics(num_classes)
         self.val_metrics = self._metrics(num_classes)
+        self.folder_acc = ({name: MulticlassAccuracy(num_classes, average="micro").to(self.device)
+                            for name in self.val_loaders} if len(self.val_loaders) > 1 else {})
         self.epoch = 0  # epochs completed
         self.best_val_loss = math.inf
         self.bad_epochs = 0
@@ -151,18 +157,25 @@ class CustomTrainer:
         return self._values(self.train_metrics)
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
-        """Global metrics on the validation set (each rank scores its unpadded shard, the states are merged)."""
+    def evaluate(self) -> dict[str, float]:
+        """Global metrics on the validation set (each rank scores its unpadded shard, the states are merged),
+        with `acc/NAME` for each named validation loader when there are several."""
         # the raw model: a DDP forward may broadcast buffers, which would deadlock on uneven shards
         self._sync_buffers()
         self.raw_model.eval()
-        for images, targets in (loader or self.val_loader):
-            images, targets = self._to_device(images, targets)
-            with self._autocast():
-                logits = self.raw_model(images)
-                loss = self.criterion(logits, targets)
-            self._update(self.val_metrics, logits, targets, loss)
-        return self._values(self.val_metrics)
+        for name, loader in self.val_loaders.items():
+            for images, targets in loader:
+                images, targets = self._to_device(images, targets)
+                with self._autocast():
+                    logits = self.raw_model(images)
+                    loss = self.criterion(logits, targets)
+                self._update(self.val_metrics, logits, targets, loss)
+                if self.folder_acc:
+                    self.folder_acc[name].update(logits.detach().float(), targets)
+        folders = {f"acc/{name}": float(metric.compute()) for name, metric in self.folder_acc.items()}
+        for metric in self.folder_acc.values():
+            metric.reset()
+        return {**self._values(self.val_metrics), **folders}
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm statistics (each rank's last training step updated its own), so
@@ -250,9 +263,10 @@ class CustomTrainer:
             if self.is_main:
                 self._save(improved)
                 log.info("epoch %d/%d  train loss %.4f acc %.4f f1 %.4f | val loss %.4f acc %.4f f1 %.4f | "
-                         "lr %.2e | %.1fs%s", self.epoch, self.max_epochs, train["loss"], train["acc"],
+                         "lr %.2e | %.1fs%s%s", self.epoch, self.max_epochs, train["loss"], train["acc"],
                          train["f1"], val["loss"], val["acc"], val["f1"], lr, record["time_s"],
-                         "  *best*" if improved else "")
+                         "  *best*" if improved else "",
+                         "".join(f"\n  val acc {k[4:]}: {v:.4f}" for k, v in val.items() if k.startswith("acc/")))
                 for callback in self.callbacks:
                     callback(record)
             if stop:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 import calibration
 import data_loader
@@ -30,6 +32,7 @@ import image_cache
 import image_io
 import log_experiment
 import model as models
+import predict
 import pt_engine
 import run_artifacts
 from errors import UsageError
@@ -43,12 +46,15 @@ DEFAULT_IMG_SIZE_PRETRAINED = 128
 DEFAULT_IMG_SIZE_SCRATCH = 96
 # The landmark network (README, "Other people's hands"): a few seconds an epoch on 2 CPU cores for 7,000 hands
 HAND_EPOCHS, HAND_BATCH_SIZE, HAND_LEARNING_RATE, HAND_HIDDEN = 40, 128, 3e-3, 256
+REPLAY_PER_CLASS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--xtrain_path", help="folder of class sub-folders; default: download the Kaggle dataset")
+    data.add_argument("--xtrain_path", nargs="+",
+                      help="folder(s) of class sub-folders, trained on together: classes merged by name (a/ is "
+                           "A/), each folder split on its own; default: download the Kaggle dataset")
     data.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation")
     data.add_argument("--split_by", choices=("auto", "block", "random"), default="auto",
                       help="block: hold out runs of consecutive frames (auto picks it when names carry frame numbers)")
@@ -74,8 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", default=str(image_cache.default_cache_dir()),
                       help="where --cache disk keeps its files (a tmpfs such as /dev/shm keeps them in memory)")
     model = p.add_argument_group("model")
-    model.add_argument("--arch", choices=models.ARCHS, default="efficientnet_b0")
-    model.add_argument("--weights", default="imagenet", help="imagenet, none, or PATH to a state-dict file")
+    model.add_argument("--arch", choices=models.ARCHS, default=None, help="default: efficientnet_b0")
+    model.add_argument("--weights", default=None, help="imagenet (default), none, or PATH to a state-dict file")
+    model.add_argument("--init_from", metavar="RUN_OR_CHECKPOINT",
+                       help="fine-tune a trained model (a --save_dir of this script, or its best.pt): its weights, "
+                            "architecture and preprocessing, its classes first; a new output row for each class "
+                            "it did not know (README, 'Teach it your hand')")
+    model.add_argument("--replay", type=int, default=REPLAY_PER_CLASS,
+                       help="with --init_from: mix in this many training images per class of the data the model "
+                            "was trained on (its folders not named in --xtrain_path), so fine-tuning does not "
+                            "make it forget them; validated on up to "
+                            f"{data_loader.REPLAY_VAL_PER_CLASS} of their held-out images per class; 0: none")
     model.add_argument("--freeze_backbone", action="store_true", help="train the new head only")
     model.add_argument("--hands", choices=("fused", "none"), default="fused",
                        help="fused: also find the hand (MediaPipe, hands.py) and read its 21 landmarks with a small "
@@ -116,9 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
     log_experiment.add_tracking_args(track)
     args = p.parse_args(argv)
+    if args.init_from:
+        given = [f"--{name}" for name in ("arch", "weights", "img_size") if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)} come(s) from the --init_from model; leave {'them' if len(given) > 1 else 'it'} "
+                    "out to fine-tune it, or leave out --init_from to train a new model.")
+    else:
+        args.arch = args.arch or "efficientnet_b0"
+        args.weights = args.weights or "imagenet"
     # naming a store or a registry entry means: track this run
     args.mlflow = args.mlflow or bool(args.tracking_uri or args.dagshub or args.register)
-    if args.img_size is None:
+    if args.img_size is None and not args.init_from:
         args.img_size = DEFAULT_IMG_SIZE_SCRATCH if args.weights == "none" else DEFAULT_IMG_SIZE_PRETRAINED
     if args.amp is None:
         args.amp = args.gpu
@@ -150,6 +173,8 @@ def _check_environment(args: argparse.Namespace) -> None:
         raise UsageError("--hflip is an augmentation; it cannot be combined with --no-augment.")
     if args.gpu_augment and args.cache == "none":
         raise UsageError("--gpu_augment reads the decoded-image cache; drop --cache none (or add --no-gpu_augment).")
+    if args.replay < 0:
+        raise UsageError(f"--replay is a number of images per class (got {args.replay}); 0 replays none.")
     if args.total_epochs < 1 or args.batch_size < 1 or args.world_size < 1 or args.learning_rate <= 0:
         raise UsageError("--total_epochs, --batch_size and --world_size must be at least 1, --learning_rate > 0.")
     if args.gpu and not torch.cuda.is_available():
@@ -166,37 +191,90 @@ def _check_environment(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> dict:
-    """Checks and work done once before any worker starts: the data scan and the weights' download."""
+    """Checks and work done once before any worker starts: the data scan, the model to start from, the weights'
+    download and the hands."""
     _check_environment(args)
-    root = data_loader.resolve_train_dir(args.xtrain_path) if args.xtrain_path else data_loader.download_dataset()
-    images = data_loader.scan_image_folder(root)
-    models.build_model(args.arch, len(images.classes), args.weights)  # fails early; caches downloads
+    init = _load_init(args) if args.init_from else None
+    roots = ([data_loader.resolve_train_dir(path) for path in args.xtrain_path] if args.xtrain_path
+             else [data_loader.download_dataset()])
+    rules = [data_loader.SplitRule(args.val_split, args.seed, args.split_by)] * len(roots)
+    if init:
+        roots, rules = _fine_tuning_folders(args, init["metadata"], roots)
+    images = data_loader.scan_folders(roots, init["metadata"]["classes"] if init else ())
+    if init:
+        args.arch, args.img_size = init["metadata"]["arch"], init["metadata"]["transform"]["crop_size"]
+        transform = init["metadata"]["transform"]
+    else:
+        transform = models.preprocessing(args.arch, args.weights, args.img_size)
+        models.build_model(args.arch, len(images.classes), args.weights)  # fails early; caches downloads
+    prepared = {"images": images, "rules": rules, "transform": transform, "init": init}
     if args.cache == "disk":
-        _splits(args, images)  # decode once here, before any worker starts; every rank then opens the same files
-    found = _find_hands(args, images) if args.hands == "fused" else None
-    return {"root": str(root), "images": images, "hands": found}
+        _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
+    train_idx, val_idx, _ = data_loader.split_folders(images, rules)
+    used = [images.samples[i] for i in sorted(train_idx + val_idx)]
+    prepared["hands"] = _find_hands(args, used, len(images.classes)) if args.hands == "fused" else None
+    return prepared
 
 
-def _find_hands(args: argparse.Namespace, images: data_loader.ImageList) -> dict[str, hands.Hand] | None:
-    """The hand in every training image (cached per file), keyed by path; None when too few are found to train
-    the landmark network, after a warning saying the model will read the image alone."""
-    paths = [path for path, _ in images.samples]
+def _load_init(args: argparse.Namespace) -> dict:
+    """The model to fine-tune (--init_from): its checkpoint, checked by the loader the app uses."""
+    path = predict.checkpoint_path(args.init_from)
+    ckpt = predict.read_checkpoint(path)
+    try:
+        predict.model_from_checkpoint(ckpt), predict.hand_net_from_checkpoint(ckpt)
+    except predict.ModelLoadError as err:
+        raise UsageError(f"--init_from '{path}' cannot be loaded: {err}.") from None
+    log.info("Fine-tuning %s (%s, %d classes)", path, ckpt["metadata"]["arch"], ckpt["metadata"]["num_classes"])
+    return {"path": str(path), "model": ckpt["model"], "hand_net": ckpt.get("hand_net"),
+            "metadata": ckpt["metadata"]}
+
+
+def _fine_tuning_folders(args: argparse.Namespace, meta: dict, roots: list[Path]
+                         ) -> tuple[list[Path], list[data_loader.SplitRule]]:
+    """The folders to fine-tune on and the rule that splits each. A folder the model trained on keeps the
+    model's own split, so the images it held out stay unseen and still measure it; with --replay, the model's
+    folders missing from --xtrain_path are added as a sample of their training side (data_loader.SplitRule)."""
+    recorded = data_loader.recorded_folders(meta)
+    own = {Path(root).resolve(): rule for root, rule in recorded}
+    rules = [own.get(root.resolve(), data_loader.SplitRule(args.val_split, args.seed, args.split_by))
+             for root in roots]
+    named = {root.resolve() for root in roots}
+    roots = list(roots)
+    for root, rule in recorded:
+        if not args.replay or Path(root).resolve() in named:
+            continue
+        if not Path(root).is_dir():
+            raise UsageError(f"--replay {args.replay} mixes in images of the data the model was trained on, but its "
+                             f"folder '{root}' is not on this machine. Add a copy of it to --xtrain_path, or pass "
+                             "--replay 0 to fine-tune without it (the model may then forget the classes your "
+                             "folders lack).")
+        roots.append(Path(root))
+        rules.append(dataclasses.replace(rule, per_class=args.replay))
+        log.info("Replaying %d training images per class of %s", args.replay, root)
+    return roots, rules
+
+
+def _find_hands(args: argparse.Namespace, samples: list[data_loader.Sample], num_classes: int
+                ) -> dict[str, hands.Hand] | None:
+    """The hand in every image of `samples` (cached per file), keyed by path; None when too few are found to
+    train the landmark network, after a warning saying the model will read the image alone."""
+    paths = [path for path, _ in samples]
     with hands.HandFinder(args.hand_model) as finder:
         found = hands.find_hands(paths, finder, image_io.load_rgb)
-    labels_with_hands = {label for (_, label), hand in zip(images.samples, found) if hand is not None}
+    labels_with_hands = {label for (_, label), hand in zip(samples, found) if hand is not None}
     log.info("MediaPipe found a hand in %d of %d images (%d of %d classes)", sum(h is not None for h in found),
-             len(found), len(labels_with_hands), len(images.classes))
+             len(found), len(labels_with_hands), num_classes)
     if len(labels_with_hands) < 2:
         log.warning("Too few hands to learn from: the model will read the image alone (as with --hands none).")
         return None
     return {path: hand for path, hand in zip(paths, found) if hand is not None}
 
 
-def _splits(args: argparse.Namespace, images: data_loader.ImageList) -> data_loader.Splits:
+def _splits(args: argparse.Namespace, prepared: dict) -> data_loader.Splits:
     """The train/validation split, read from the decoded-image cache with --cache disk."""
-    transform = models.preprocessing(args.arch, args.weights, args.img_size)
-    splits = data_loader.build_splits(images, transform, val_split=args.val_split, seed=args.seed,
-                                      split_by=args.split_by, augment=args.augment, hflip=args.hflip)
+    transform = prepared["transform"]
+    splits = data_loader.build_splits(prepared["images"], transform, augment=args.augment, hflip=args.hflip,
+                                      rules=prepared["rules"])
     if args.cache == "disk":
         splits = image_cache.cached_splits(splits, transform, augment=args.augment, cache_dir=args.cache_dir,
                                            num_workers=args.num_workers, hflip=args.hflip)
@@ -211,9 +289,13 @@ def _num_threads(args: argparse.Namespace, world_size: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def _metadata(args: argparse.Namespace, root: str, classes: list[str], transform: dict, split_by: str) -> dict:
-    return {"arch": args.arch, "num_classes": len(classes), "classes": classes, "transform": transform,
-            "data_root": root, "split_by": split_by, "args": vars(args)}
+def _metadata(args: argparse.Namespace, prepared: dict, splits: data_loader.Splits) -> dict:
+    images = prepared["images"]
+    folders = [{"root": root, "rule": dataclasses.asdict(dataclasses.replace(rule, split_by=split_by))}
+               for root, rule, split_by in zip(images.roots, prepared["rules"], splits.folder_split_by)]
+    return {"arch": args.arch, "num_classes": len(images.classes), "classes": images.classes,
+            "transform": prepared["transform"], "folders": folders, "split_by": splits.split_by,
+            "init_from": prepared["init"]["path"] if prepared["init"] else None, "args": vars(args)}
 
 
 def _write_run_files(save_dir: Path, meta: dict, splits: data_loader.Splits) -> None:
@@ -221,10 +303,19 @@ def _write_run_files(save_dir: Path, meta: dict, splits: data_loader.Splits) -> 
     run_artifacts.save_json(meta["classes"], save_dir / "classes.json")
     run_artifacts.save_json(meta["transform"], save_dir / "transform.json")
     run_artifacts.save_json(meta, save_dir / "config.json")
-    root = Path(meta["data_root"])
+    folders = [{"root": root, "split_by": split_by, "num_train": splits.train_folders.count(k),
+                "val": [str(Path(path).relative_to(root))
+                        for (path, _), folder in zip(splits.val_samples, splits.val_folders) if folder == k]}
+               for k, (root, split_by) in enumerate(zip(splits.roots, splits.folder_split_by))]
     run_artifacts.save_json({"split_by": splits.split_by, "num_train": len(splits.train_samples),
-                           "val": [str(Path(p).relative_to(root)) for p, _ in splits.val_samples]},
-                          save_dir / "split.json")
+                             "folders": folders}, save_dir / "split.json")
+
+
+def folder_names(roots: list[str]) -> list[str]:
+    """A short, distinct name for each training folder (its own name, numbered where two are alike), for the
+    per-folder validation figures (`val_acc/NAME`)."""
+    names = [Path(root).name for root in roots]
+    return [f"{name}-{k + 1}" if names.count(name) > 1 else name for k, name in enumerate(names)]
 
 
 def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
@@ -249,34 +340,35 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     if threads := _num_threads(args, world_size):
         torch.set_num_threads(threads)
     images: data_loader.ImageList = prepared["images"]
-    transform = models.preprocessing(args.arch, args.weights, args.img_size)
-    splits = _splits(args, images)
-    meta = _metadata(args, prepared["root"], images.classes, transform, splits.split_by)
+    splits = _splits(args, prepared)
+    meta = _metadata(args, prepared, splits)
     save_dir = Path(args.save_dir)
     if rank == 0:
         _write_run_files(save_dir, meta, splits)
-        log.info("%d classes; %d training and %d validation images (%s split); %d file(s) skipped",
-                 len(images.classes), len(splits.train_samples), len(splits.val_samples), splits.split_by,
-                 len(images.skipped))
+        log.info("%d classes; %d training and %d validation images (%s split) from %d folder(s); %d file(s) "
+                 "skipped", len(images.classes), len(splits.train_samples), len(splits.val_samples),
+                 splits.split_by, len(splits.roots), len(images.skipped))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=args.num_workers, seed=args.seed,
                        pin_memory=args.gpu)
     if args.gpu_augment:
         train_loader = gpu_pipeline.DeviceLoader.from_cache(
-            splits.train, transform, args.batch_size, augment=args.augment, hflip=args.hflip,
+            splits.train, prepared["transform"], args.batch_size, augment=args.augment, hflip=args.hflip,
             device=torch.device("cuda", gpu_id) if args.gpu else torch.device("cpu"), rank=rank,
             world_size=world_size, seed=args.seed)
     else:
         train_loader = data_loader.make_loader(splits.train, args.batch_size, train=True, **loader_args)
-    val_loader = data_loader.make_loader(splits.val, args.batch_size, train=False, **loader_args)
-
-    net = models.build_model(args.arch, len(images.classes), args.weights)
+    val_loader = _val_loaders(splits, splits.val, splits.val_folders, args.batch_size, loader_args)
+    init = prepared["init"]
+    net = models.build_model(args.arch, len(images.classes), "none" if init else args.weights)
+    if init:
+        models.carry_over(net, init["model"], init["metadata"]["classes"], images.classes)
     if args.freeze_backbone:
         models.set_backbone_trainable(net, False)
     params = [p for p in net.parameters() if p.requires_grad]
     # the fused kernel updates all parameters in one launch instead of several per tensor
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=args.gpu)
     # one MLflow run per training, rank 0's; made here in the worker, as mp.spawn passes only picklable args
-    tracker = (log_experiment.TrainingTracker(args, prepared["root"], len(images.samples), len(images.classes))
+    tracker = (log_experiment.TrainingTracker(args, images.roots, len(images.samples), len(images.classes))
                if args.mlflow and rank == 0 else None)
     callbacks = [*(callbacks or []), *([tracker.log_epoch] if tracker else [])]
     trainer = pt_engine.CustomTrainer(
@@ -290,11 +382,22 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
         log.info("No checkpoint in %s yet: starting from epoch 1", save_dir)
     with tracker or contextlib.nullcontext():  # leaving it logs the results and the (calibrated) best model
         history = trainer.train()
-        hand_net = (_train_hand_net(args, rank, world_size, gpu_id, prepared["hands"], splits, len(images.classes))
-                    if prepared.get("hands") else None)
+        hand_net = (_train_hand_net(args, rank, world_size, gpu_id, prepared, splits)
+                    if prepared["hands"] else None)
         if rank == 0 and (save_dir / "best.pt").exists():
-            _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared.get("hands"), args)
+            _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared["hands"], args)
     return history
+
+
+def _val_loaders(splits: data_loader.Splits, val: Dataset, folders: list[int], batch_size: int, loader_args: dict
+                 ) -> DataLoader | dict[str, DataLoader]:
+    """The validation loader; with several training folders one per folder, named, so that each folder gets its
+    own figures (pt_engine.CustomTrainer)."""
+    if len(splits.roots) == 1:
+        return data_loader.make_loader(val, batch_size, train=False, **loader_args)
+    return {name: data_loader.make_loader(data_loader.subset(val, [i for i, f in enumerate(folders) if f == k]),
+                                          batch_size, train=False, **loader_args)
+            for k, name in enumerate(folder_names(splits.roots)) if k in folders}
 
 
 def _hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], augment: bool
@@ -305,12 +408,13 @@ def _hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], a
         [p for p, _ in kept]
 
 
-def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None,
-                    found: dict[str, hands.Hand], splits: data_loader.Splits, num_classes: int) -> nn.Module | None:
+def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None, prepared: dict,
+                    splits: data_loader.Splits) -> nn.Module | None:
     """Train the landmark network on the hands of the training split, validated on the held-out split's hands;
     checkpoints in SAVE_DIR/hand_net, so --resume continues this phase too."""
-    (train_set, _), (val_set, _) = (_hand_set(splits.train_samples, found, True),
-                                    _hand_set(splits.val_samples, found, False))
+    found, classes, init = prepared["hands"], prepared["images"].classes, prepared["init"]
+    (train_set, _), (val_set, val_paths) = (_hand_set(splits.train_samples, found, True),
+                                            _hand_set(splits.val_samples, found, False))
     if not len(train_set) or not len(val_set):
         log.warning("No hand found in the %s images: the model reads the image alone.",
                     "training" if not len(train_set) else "validation")
@@ -318,15 +422,19 @@ def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id
     if rank == 0:
         log.info("Landmark network: %d training and %d validation hands", len(train_set), len(val_set))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=0, seed=args.seed)
-    net = models.LandmarkNet(num_classes, hands.N_FEATURES, HAND_HIDDEN)
+    net = models.LandmarkNet(len(classes), hands.N_FEATURES, HAND_HIDDEN)
+    if init and init["hand_net"] is not None:
+        models.carry_over(net, init["hand_net"], init["metadata"]["classes"], classes)
     optimizer = torch.optim.AdamW(net.parameters(), lr=HAND_LEARNING_RATE, weight_decay=args.weight_decay)
     save_dir = Path(args.save_dir) / "hand_net"
+    folder_of = dict(zip((path for path, _ in splits.val_samples), splits.val_folders))
+    val_loader = _val_loaders(splits, val_set, [folder_of[path] for path in val_paths], 4 * HAND_BATCH_SIZE,
+                              loader_args)
     trainer = pt_engine.CustomTrainer(
-        net, data_loader.make_loader(train_set, HAND_BATCH_SIZE, train=True, **loader_args),
-        data_loader.make_loader(val_set, 4 * HAND_BATCH_SIZE, train=False, **loader_args),
+        net, data_loader.make_loader(train_set, HAND_BATCH_SIZE, train=True, **loader_args), val_loader,
         nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer, gpu_id, save_dir, args.hand_epochs,
         args.hand_epochs, world_size, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.hand_epochs),
-        num_classes=num_classes, metadata={"hidden": HAND_HIDDEN}, progress=False)
+        num_classes=len(classes), metadata={"hidden": HAND_HIDDEN}, progress=False)
     if args.resume and (save_dir / "last.pt").exists():
         trainer.resume(save_dir / "last.pt")
     trainer.train()

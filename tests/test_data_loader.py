@@ -194,3 +194,66 @@ def test_real_dataset_layout_is_read_and_block_split():
     assert len(images.classes) == 29 and len(images.samples) == 8700 and not images.skipped
     train, val = dl.split_samples(images.samples, 0.1, seed=0)
     assert len(val) == 29 * 30
+
+
+# ---------------------------------------------------------------------------------------------- several folders
+
+def test_folders_merge_classes_by_name_whatever_their_case(tmp_path):
+    make_image_folder(tmp_path / "kaggle", per_class=4)
+    make_image_folder(tmp_path / "mine", classes=("a", "D"), per_class=3)
+    images = dl.scan_folders([tmp_path / "kaggle", tmp_path / "mine"])
+    assert images.classes == ["A", "B", "C", "D"]  # the first spelling, sorted as one folder would be
+    mine = [(Path(p).name, images.classes[label]) for (p, label), f in zip(images.samples, images.folders) if f == 1]
+    assert sorted(mine) == [("D1.jpg", "D"), ("D2.jpg", "D"), ("D3.jpg", "D"),
+                            ("a1.jpg", "A"), ("a2.jpg", "A"), ("a3.jpg", "A")]
+    assert images.roots == [str(tmp_path / "kaggle"), str(tmp_path / "mine")]
+
+
+def test_a_model_s_classes_keep_their_order_and_new_ones_follow(tmp_path):
+    make_image_folder(tmp_path / "mine", classes=("d", "b", "E"), per_class=2)
+    images = dl.scan_folders([tmp_path / "mine"], known_classes=["C", "B", "A"])
+    assert images.classes == ["C", "B", "A", "E", "d"]
+    assert {images.classes[label] for _, label in images.samples} == {"B", "E", "d"}
+
+
+def test_the_same_folder_twice_is_refused(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=2)
+    with pytest.raises(dl.DatasetError, match="names the same folder twice"):
+        dl.scan_folders([tmp_path / "data", tmp_path / "data" / "." ])
+
+
+def test_each_folder_is_split_on_its_own(tmp_path):
+    make_image_folder(tmp_path / "big", per_class=40)
+    make_image_folder(tmp_path / "small", classes=("A", "B"), per_class=10)
+    images = dl.scan_folders([tmp_path / "big", tmp_path / "small"])
+    rule = dl.SplitRule(0.2, seed=1)
+    train, val, blocks = dl.split_folders(images, [rule, rule])
+    assert not set(train) & set(val) and sorted(train + val) == list(range(len(images.samples)))
+    val_by_folder = Counter((images.folders[i], images.samples[i][1]) for i in val)
+    assert val_by_folder == {(0, 0): 8, (0, 1): 8, (0, 2): 8, (1, 0): 2, (1, 1): 2}  # a fifth of each folder
+    # the big folder is split exactly as it would be alone, so adding a folder never moves its held-out images
+    alone = dl.scan_folders([tmp_path / "big"])
+    assert [images.samples[i] for i in val if images.folders[i] == 0] == \
+        [alone.samples[i] for i in dl.split_samples(alone.samples, 0.2, 1)[1]]
+    assert len(set(blocks[i] for i in range(len(blocks)) if images.folders[i] == 0)
+               & set(blocks[i] for i in range(len(blocks)) if images.folders[i] == 1)) == 0
+
+
+def test_a_replayed_folder_keeps_a_spread_sample_of_its_training_side(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=60)
+    images = dl.scan_folders([tmp_path / "data"])
+    full_train, full_val, _ = dl.split_folders(images, [dl.SplitRule(0.1, seed=0)])
+    train, val, _ = dl.split_folders(images, [dl.SplitRule(0.1, seed=0, per_class=5)])
+    assert set(train) <= set(full_train) and set(val) <= set(full_val)
+    assert Counter(images.samples[i][1] for i in train) == {0: 5, 1: 5, 2: 5}
+    frames = sorted(dl.frame_number(images.samples[i][0]) for i in train if images.samples[i][1] == 0)
+    assert frames[-1] - frames[0] > 40  # spread over the class's frames, not its first five
+    assert len(val) == len(full_val)  # fewer than REPLAY_VAL_PER_CLASS held out: all of them
+
+
+def test_runs_from_before_several_folders_are_read_as_one(tmp_path):
+    legacy = {"data_root": "data", "split_by": "block", "args": {"val_split": 0.2, "seed": 3}}
+    assert dl.recorded_folders(legacy) == [("data", dl.SplitRule(0.2, 3, "block"))]
+    assert dl.recorded_val({"val": ["A/A1.jpg"]}, legacy) == [("data", ["A/A1.jpg"])]
+    now = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4}}]}
+    assert dl.recorded_folders(now) == [("x", dl.SplitRule(0.1, 0, "random", 4))]

@@ -122,36 +122,37 @@ def test_flat_test_layout_is_parsed(tmp_path):
 def test_recomputed_validation_split_equals_the_training_split(trained_run):
     predictor = predict.load_predictor(trained_run)
     data = evaluate.load_validation_split(predictor, trained_run)
-    root = Path(json.loads((trained_run / "config.json").read_text())["data_root"])
+    root = Path(json.loads((trained_run / "config.json").read_text())["folders"][0]["root"])
     relative = [str(Path(p).relative_to(root)) for p, _ in data.samples]
-    assert relative == json.loads((trained_run / "split.json").read_text())["val"]
+    assert relative == json.loads((trained_run / "split.json").read_text())["folders"][0]["val"]
     assert len(relative) == 9 and all(predictor.classes[label] == Path(p).parent.name for p, label in data.samples)
     assert "equals the 9 files" in data.notes[0]
 
 
 def test_a_changed_data_folder_is_reported_and_only_held_out_files_are_scored(trained_run, tmp_path):
     config = json.loads((trained_run / "config.json").read_text())
-    split = json.loads((trained_run / "split.json").read_text())
+    val = json.loads((trained_run / "split.json").read_text())["folders"][0]["val"]
     data = tmp_path / "data"
-    shutil.copytree(config["data_root"], data)
+    shutil.copytree(config["folders"][0]["root"], data)
     make_image_folder(data, per_class=16, seed=1)  # 4 new frames per class shift the block split
-    (data / split["val"][0]).unlink()
+    (data / val[0]).unlink()
     run = tmp_path / "run"
     run.mkdir()
-    run_artifacts.save_json({**config, "data_root": str(data)}, run / "config.json")
+    run_artifacts.save_json({**config, "folders": [{**config["folders"][0], "root": str(data)}]}, run / "config.json")
     shutil.copy(trained_run / "split.json", run)
 
     result = evaluate.load_validation_split(predict.load_predictor(trained_run), run)
     assert "differs from the one training used" in result.notes[0] and "1 of its files are gone" in result.notes[0]
-    assert [str(Path(p).relative_to(data)) for p, _ in result.samples] == split["val"][1:]
-    assert result.skipped == [str(data / split["val"][0])]
+    assert [str(Path(p).relative_to(data)) for p, _ in result.samples] == val[1:]
+    assert result.skipped == [str(data / val[0])]
 
 
 def test_a_missing_training_data_folder_is_explained(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     config = json.loads((run / "config.json").read_text())
-    run_artifacts.save_json({**config, "data_root": str(tmp_path / "gone")}, run / "config.json")
+    run_artifacts.save_json({**config, "folders": [{**config["folders"][0], "root": str(tmp_path / "gone")}]},
+                            run / "config.json")
     code, _, err = run_cli("--model_dir", str(run), "--out_dir", str(tmp_path / "out"))
     assert code == 2 and "is not on this machine" in err and "--test_dir" in err
 

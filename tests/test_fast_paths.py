@@ -127,7 +127,7 @@ def test_cached_dataset_pickles_without_its_pixels(synthetic_dir, tmp_path):
 
 def test_channels_last_training_step_matches_the_plain_one(synthetic_dir, tmp_path):
     trainers = [make_trainer(synthetic_dir, tmp_path / str(i), epochs=1) for i in range(2)]
-    fast = pt_engine.CustomTrainer(trainers[1].raw_model, trainers[1].train_loader, trainers[1].val_loader,
+    fast = pt_engine.CustomTrainer(trainers[1].raw_model, trainers[1].train_loader, trainers[1].val_loaders,
                                    trainers[1].criterion, trainers[1].optimizer, None, tmp_path / "cl", 10, 1,
                                    num_classes=3, channels_last=True)
     images, targets = next(iter(trainers[0].train_loader))
@@ -170,7 +170,7 @@ def test_cached_channels_last_ddp_on_cpu_trains(synthetic_dir, tmp_path):
 @pytest.mark.slow
 def test_compiled_training_saves_plain_checkpoints(synthetic_dir, tmp_path):
     trainer = make_trainer(synthetic_dir, tmp_path, epochs=1)
-    compiled = pt_engine.CustomTrainer(trainer.raw_model, trainer.train_loader, trainer.val_loader,
+    compiled = pt_engine.CustomTrainer(trainer.raw_model, trainer.train_loader, trainer.val_loaders,
                                        trainer.criterion, trainer.optimizer, None, tmp_path, 10, 1, num_classes=3,
                                        compile_model=True)
     compiled.train()

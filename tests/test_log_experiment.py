@@ -215,7 +215,7 @@ def _git_head() -> str | None:
 
 def _tracker(save_dir: Path, *options: str) -> log_experiment.TrainingTracker:
     args = pt_train.parse_args(["--save_dir", str(save_dir), "--experiment_name", "unit", *options])
-    return log_experiment.TrainingTracker(args, "data", 10, 2)
+    return log_experiment.TrainingTracker(args, ["data"], 10, 2)
 
 
 def _record(epoch: int) -> dict:

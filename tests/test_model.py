@@ -155,3 +155,24 @@ def test_lite0_imagenet_predictions_are_plausible(offline):
     # The original efficientnet-lite-pytorch model ranks the cats this way too (its logits equal ours); timm's
     # non-TF efficientnet_lite0 or ImageNet mean/std would give [282, 281, 285] or [285, 281, 282].
     assert top5[0][:3] == [282, 285, 281]
+
+
+def test_carry_over_keeps_each_class_row_by_name_and_fresh_rows_for_new_classes():
+    torch.manual_seed(0)
+    trained = model.LandmarkNet(3, 6, hidden=8)
+    net = model.LandmarkNet(4, 6, hidden=8)
+    fresh = net.state_dict()["10.weight"].clone()
+    model.carry_over(net, trained.state_dict(), ["A", "B", "C"], ["C", "A", "B", "D"])
+    old, new = trained.state_dict(), net.state_dict()
+    assert torch.equal(new["10.weight"][[1, 2, 0]], old["10.weight"]) and torch.equal(new["10.bias"][[1, 2, 0]],
+                                                                                      old["10.bias"])
+    assert torch.equal(new["10.weight"][3], fresh[3])  # D: not known to the trained network
+    assert torch.equal(new["1.weight"], old["1.weight"])  # everything below the head as trained
+
+
+def test_carry_over_finds_the_image_network_head():
+    trained = model.build_model("efficientnet_lite0", 2, weights="none")
+    net = model.build_model("efficientnet_lite0", 3, weights="none")
+    model.carry_over(net, trained.state_dict(), ["A", "B"], ["A", "B", "C"])
+    assert torch.equal(net.state_dict()[model.HEAD_WEIGHT][:2], trained.state_dict()[model.HEAD_WEIGHT])
+    assert torch.equal(net.state_dict()["conv_stem.weight"], trained.state_dict()["conv_stem.weight"])

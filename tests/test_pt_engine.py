@@ -137,7 +137,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, save_dir: str,
         trainer = make_trainer(Path(root), Path(save_dir), epochs=epochs, patience=1, lr=lr, rank=rank,
                                world_size=world_size)
         history = trainer.train()
-        torch.save({"history": history, "val_shard": len(trainer.val_loader.sampler)}, f"{out}/rank{rank}.pt")
+        torch.save({"history": history, "val_shard": len(trainer.val_loaders[""].sampler)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

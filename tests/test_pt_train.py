@@ -41,7 +41,7 @@ def test_training_run_writes_a_complete_model_folder(synthetic_dir, tmp_path):
     transform = json.loads((out / "transform.json").read_text())
     assert transform["crop_size"] == 32 and transform["arch"] == "efficientnet_b0"
     split = json.loads((out / "split.json").read_text())
-    assert split["split_by"] == "block" and split["num_train"] + len(split["val"]) == 36
+    assert split["split_by"] == "block" and split["num_train"] + len(split["folders"][0]["val"]) == 36
     meta = run_artifacts.load_checkpoint(out / "last.pt")["metadata"]
     assert meta["arch"] == "efficientnet_b0" and meta["args"]["total_epochs"] == 2
     head = predict.load_predictor(out).model.classifier
@@ -311,3 +311,91 @@ def test_nccl_ddp_on_every_gpu_present_with_the_device_input_path(synthetic_dir,
     images = [image_io.load_rgb(p) for p in sorted((synthetic_dir / "A").iterdir())[:4]]
     on_gpu = predict.load_predictor(out, device="cuda").predict(images)  # the GPU predictor
     assert on_gpu.shape == (4, 3) and torch.allclose(on_gpu, predict.load_predictor(out).predict(images), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- several folders, fine-tuning
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A dataset (A, B, C) and a user's folder with one of its classes under another case and a new one."""
+    root = tmp_path_factory.mktemp("folders")
+    return make_image_folder(root / "kaggle", per_class=12), \
+        make_image_folder(root / "mine", classes=("a", "D"), per_class=10, seed=3)
+
+
+@pytest.fixture(scope="module")
+def base_run(two_folders, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert pt_train.main(["--xtrain_path", str(two_folders[0]), "--save_dir", str(out), "--total_epochs", "1",
+                          *FAST]) == 0
+    return out
+
+
+def test_several_folders_train_as_one_dataset_with_figures_per_folder(two_folders, tmp_path):
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", *map(str, two_folders), "--save_dir", str(out), "--total_epochs", "2",
+                          *FAST]) == 0
+    assert json.loads((out / "classes.json").read_text()) == ["A", "B", "C", "D"]
+    folders = json.loads((out / "config.json").read_text())["folders"]
+    assert [f["root"] for f in folders] == list(map(str, two_folders))
+    split = json.loads((out / "split.json").read_text())["folders"]
+    assert [sorted({Path(p).parts[0] for p in f["val"]}) for f in split] == [["A", "B", "C"], ["D", "a"]]
+    assert sum(f["num_train"] + len(f["val"]) for f in split) == 36 + 20
+    last = json.loads((out / "history.json").read_text())[-1]
+    # the overall accuracy is the per-folder accuracies weighted by each folder's held-out images
+    sizes = [len(f["val"]) for f in split]
+    assert last["val_acc"] == pytest.approx((sizes[0] * last["val_acc/kaggle"] + sizes[1] * last["val_acc/mine"])
+                                            / sum(sizes))
+
+
+def test_fine_tuning_starts_from_the_model_and_replays_its_data(two_folders, base_run, tmp_path):
+    out = tmp_path / "tuned"
+    # a learning rate too small to move the weights: what is saved is what fine-tuning started from
+    assert pt_train.main(["--init_from", str(base_run), "--xtrain_path", str(two_folders[1]), "--save_dir",
+                          str(out), "--total_epochs", "1", "--replay", "4", "--learning_rate", "1e-12",
+                          "--batch_size", "8", "--num_workers", "0", "--no-augment"]) == 0
+    base, tuned = predict.load_predictor(base_run), predict.load_predictor(out)
+    assert tuned.classes == ["A", "B", "C", "D"] and tuned.metadata["transform"] == base.metadata["transform"]
+    head = "classifier.1.weight"
+    old, new = base.model.state_dict()[head], tuned.model.state_dict()[head]
+    assert torch.allclose(new[:3], old, atol=1e-6) and not torch.allclose(new[3], old.mean(0), atol=1e-3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_from"] == str(base_run / "best.pt") and config["arch"] == "efficientnet_b0"
+    # the replayed folder keeps the base model's split: its held-out images are still unseen
+    base_split = json.loads((base_run / "split.json").read_text())["folders"][0]
+    mine, replayed = json.loads((out / "split.json").read_text())["folders"]
+    assert replayed["root"] == str(two_folders[0]) and replayed["num_train"] == 3 * 4
+    assert set(replayed["val"]) == set(base_split["val"]) and mine["root"] == str(two_folders[1])
+    assert {"val_acc/mine", "val_acc/kaggle"} <= json.loads((out / "history.json").read_text())[-1].keys()
+
+
+def test_a_fine_tuning_run_resumes(two_folders, base_run, tmp_path):
+    args = ["--init_from", str(base_run), "--xtrain_path", str(two_folders[1]), "--save_dir", str(tmp_path / "t"),
+            "--replay", "2", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
+    assert pt_train.main([*args, "--total_epochs", "1"]) == 0
+    assert pt_train.main([*args, "--total_epochs", "2", "--resume"]) == 0
+    assert [h["epoch"] for h in json.loads((tmp_path / "t" / "history.json").read_text())] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "efficientnet_lite0"], "--arch come(s) from the --init_from model"),
+    (["--img_size", "64"], "--img_size come(s) from the --init_from model"),
+])
+def test_fine_tuning_refuses_settings_that_belong_to_the_model(base_run, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pt_train.parse_args(["--init_from", str(base_run), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_replay_says_what_to_do_when_the_model_s_data_is_gone(two_folders, base_run, tmp_path, capsys):
+    run = tmp_path / "moved"
+    ckpt = run_artifacts.load_checkpoint(base_run / "best.pt")
+    ckpt["metadata"]["folders"][0]["root"] = str(tmp_path / "gone")
+    run.mkdir()
+    run_artifacts.save_checkpoint(ckpt, run / "best.pt")
+    code = pt_train.main(["--init_from", str(run), "--xtrain_path", str(two_folders[1]), "--save_dir",
+                          str(tmp_path / "t"), *FAST[4:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not on this machine" in err and "--replay 0" in err
+    assert pt_train.main(["--init_from", str(run), "--xtrain_path", str(two_folders[1]), "--save_dir",
+                          str(tmp_path / "t"), "--replay", "0", "--total_epochs", "1", *FAST[4:]]) == 0
