@@ -1,27 +1,37 @@
 """The Streamlit app: show a hand sign, read the letter. `streamlit run app.py [-- --model_dir DIR]`.
 
+Two modes, switched in the sidebar: Read (classify a photo) and Teach (collect photos of your own hand per
+letter in `COLLECT_DIR/<CLASS>/<timestamp>.jpg`, and print the command that fine-tunes the model on them).
+
 Configuration (command line after `--`, else environment, else default):
 
 * `--model_dir` / `ASL_MODEL_DIR`: a training output folder (`--save_dir` of pt_train.py), a `.pt` checkpoint,
   or an MLflow model URI (`runs:/...`, `models:/...`); default `runs/latest`.
+* `--runs_dir` / `ASL_RUNS_DIR`: the folder of training runs; its sub-folders that hold a `best.pt` are offered
+  in the sidebar's model picker beside `--model_dir`; default `runs`.
+* `--collect_dir` / `ASL_COLLECT_DIR`: where Teach mode saves photos (the only folder the app writes to);
+  default `data/my_hand`.
 * `--examples_dir` / `ASL_EXAMPLES_DIR`: a flat folder of example images (e.g. the test set's `A_test.jpg`).
 * `--device` / `ASL_DEVICE`: `cpu` (default) or e.g. `cuda`.
 
 The page code stays thin: decoding with limits, the "unsure" decision, the model's own view of the image, the
-Grad-CAM map and the model facts are small functions here that the tests call directly. Prediction itself is
-predict.py's (`load_predictor`, `Predictor`); what counts as a readable image, and decoding it to upright RGB,
-is image_io.py's, as everywhere else.
+Grad-CAM map, the model facts and the collected photos (save, count, delete) are small functions here that the
+tests call directly. Prediction itself is predict.py's (`load_predictor`, `Predictor`); what counts as a
+readable image, and decoding it to upright RGB, is image_io.py's, as everywhere else.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import io
 import logging
 import os
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -32,16 +42,24 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageOps
+from streamlit.runtime.uploaded_file_manager import UploadedFile
 from torch import nn
 
 import data_loader
 import hands
 import image_io
 import predict
+import run_artifacts
 
 log = logging.getLogger("app")
 
 DEFAULT_MODEL = "runs/latest"
+DEFAULT_RUNS_DIR = "runs"
+DEFAULT_COLLECT_DIR = "data/my_hand"
+FINETUNE_RUN = "my_hand"  # the fine-tuned model's folder under --runs_dir, where the model picker finds it
+READ, TEACH = "Read", "Teach"
+THUMBS_PER_ROW = 6
+THUMB_PX = 160  # Streamlit shrinks the image to this before sending it: a letter's photos stay a light page
 UPLOAD_TYPES = [ext.lstrip(".") for ext in image_io.IMG_EXTENSIONS]
 MAX_UPLOAD_MB = 20
 # Refused before decoding: a 50-megapixel phone photo still passes, while a small file that claims gigapixels
@@ -63,6 +81,10 @@ class ConfigError(RuntimeError):
     """A setting the app cannot run with; the message says which and how to change it."""
 
 
+class CollectError(ValueError):
+    """A write or delete that would reach outside the collect folder's class sub-folders."""
+
+
 # ---------------------------------------------------------------------------------------------- testable logic
 
 @dataclass(frozen=True)
@@ -70,6 +92,8 @@ class AppConfig:
     model: str
     examples_dir: str | None
     device: str
+    runs_dir: str = DEFAULT_RUNS_DIR
+    collect_dir: str = DEFAULT_COLLECT_DIR
 
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> AppConfig:
@@ -79,11 +103,13 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> AppConfig:
     parser.add_argument("--model_dir", default=environ.get("ASL_MODEL_DIR") or DEFAULT_MODEL)
     parser.add_argument("--examples_dir", default=environ.get("ASL_EXAMPLES_DIR") or None)
     parser.add_argument("--device", default=environ.get("ASL_DEVICE") or "cpu")
+    parser.add_argument("--runs_dir", default=environ.get("ASL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+    parser.add_argument("--collect_dir", default=environ.get("ASL_COLLECT_DIR") or DEFAULT_COLLECT_DIR)
     args, _ = parser.parse_known_args(list(argv))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"Device '{args.device}' was asked for but no CUDA GPU is available; use --device cpu "
                           "(the default) or unset ASL_DEVICE.")
-    return AppConfig(args.model_dir, args.examples_dir, args.device)
+    return AppConfig(args.model_dir, args.examples_dir, args.device, args.runs_dir, args.collect_dir)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
@@ -169,6 +195,102 @@ def example_images(folder: str | os.PathLike) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in image_io.IMG_EXTENSIONS)
 
 
+def list_runs(runs_root: str | os.PathLike) -> list[Path]:
+    """The training folders directly under `runs_root` that hold a `best.pt`, sorted by name."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if (d / "best.pt").is_file())
+
+
+def model_choices(current: str, runs: Sequence[Path]) -> tuple[list[str], int]:
+    """The model picker's options and the index of `current` (--model_dir) among them; `current` is listed
+    first when it is not one of `runs` (a checkpoint elsewhere, an MLflow URI)."""
+    options = [str(run) for run in runs]
+    if not current.startswith(predict.MLFLOW_URI_SCHEMES):
+        here = Path(current).resolve()
+        for index, run in enumerate(runs):
+            if run.resolve() == here:
+                return options, index
+    return [current, *options], 0
+
+
+def class_folder(collect_dir: str | os.PathLike, class_name: str, classes: Sequence[str]) -> Path:
+    """`collect_dir/class_name`, for one of the model's classes only, and only if it stays inside `collect_dir`
+    (a class name from a foreign checkpoint could hold `..` or a slash)."""
+    if class_name not in classes:
+        raise CollectError(f"'{class_name}' is not one of the model's classes ({', '.join(classes)}).")
+    root = Path(collect_dir).resolve()
+    folder = (root / class_name).resolve()
+    if folder.parent != root or folder.name != class_name:
+        raise CollectError(f"The class name '{class_name}' would lead outside '{collect_dir}'.")
+    return folder
+
+
+def collected_photos(collect_dir: str | os.PathLike, class_name: str) -> list[Path]:
+    """The images training would read in `collect_dir/class_name` (image_io's policy), oldest first: the names
+    are timestamps."""
+    folder = Path(collect_dir) / class_name
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and data_loader.is_image_file(p))
+
+
+def collected_counts(collect_dir: str | os.PathLike, classes: Sequence[str]) -> dict[str, int]:
+    """How many photos each of the model's classes has in `collect_dir`, zero included."""
+    return {name: len(collected_photos(collect_dir, name)) for name in classes}
+
+
+def photo_path(folder: Path, when: datetime) -> Path:
+    """`folder/<timestamp>.jpg` (to the microsecond) for a photo taken at `when`; `-1`, `-2`, ... is added while
+    that name is taken, so no photo is ever overwritten."""
+    stem = when.strftime("%Y%m%d-%H%M%S-%f")
+    path, n = folder / f"{stem}.jpg", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.jpg"
+    return path
+
+
+def save_photo(collect_dir: str | os.PathLike, class_name: str, data: bytes, classes: Sequence[str],
+               name: str = "the photo") -> Path:
+    """Save an uploaded photo as `collect_dir/class_name/<timestamp>.jpg` and return its path.
+
+    The upload goes through `decode_image` (its limits, its InputError for a bad file, nothing written) and is
+    saved re-encoded as a JPEG: what lands in the folder is always a valid upright RGB image. The path is made
+    from the class name and the time alone, never from the upload's name; the write is atomic.
+    """
+    folder = class_folder(collect_dir, class_name, classes)
+    image = decode_image(data, name)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = photo_path(folder, datetime.now())
+    run_artifacts.save_bytes(buf.getvalue(), path)
+    return path
+
+
+def delete_photo(collect_dir: str | os.PathLike, path: str | os.PathLike, classes: Sequence[str]) -> None:
+    """Delete one collected photo; a CollectError for anything but an image file directly in
+    `collect_dir/<one of classes>/` (no symlink, no `..` leading elsewhere). A class folder left empty goes too:
+    training refuses an empty class folder."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    if (folder.parent != Path(collect_dir).resolve() or folder.name not in classes or path.is_symlink()
+            or path.suffix.lower() not in image_io.IMG_EXTENSIONS or path.is_dir()):
+        raise CollectError(f"'{path}' is not a photo in a class folder of '{collect_dir}'; nothing was deleted.")
+    path.unlink(missing_ok=True)  # already gone: deleted from another tab
+    with contextlib.suppress(OSError):  # not empty
+        folder.rmdir()
+
+
+def finetune_command(model_dir: str, collect_dir: str | os.PathLike, save_dir: str | os.PathLike) -> str:
+    """The shell command that fine-tunes `model_dir` on the collected photos into `save_dir`."""
+    return (f"python pt_train.py --init_from {shlex.quote(str(model_dir))} "
+            f"--xtrain_path {shlex.quote(str(collect_dir))} --save_dir {shlex.quote(str(save_dir))}")
+
+
 def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray | None:
     """Grad-CAM map (crop x crop, 0..1): where the last convolutional features raised this class's score.
 
@@ -215,11 +337,15 @@ def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_model(source: str, device: str, stamp: int, backend: str = "torch") -> predict.Predictor:
     """The predictor, loaded once per (source, device, backend); `stamp` changes when a local model is rewritten.
-    A hand-aware model's hand finder is loaded here too, so that a missing MediaPipe shows up at once."""
-    predictor = predict.load_predictor(source, device, backend)
+    Its hand finder is loaded by Read mode alone (`ready_to_read`): Teach mode needs only the class names."""
+    return predict.load_predictor(source, device, backend)
+
+
+def ready_to_read(predictor: predict.Predictor) -> None:
+    """Load a hand-aware model's hand finder now (once: the predictor is cached), so that a missing MediaPipe
+    shows up at once rather than after the first upload."""
     if predictor.uses_hands:
         _ = predictor.finder  # an assignment: a bare expression would be drawn on the page (Streamlit's "magic")
-    return predictor
 
 
 def fastest_backend(source: str, device: str) -> str:
@@ -242,14 +368,27 @@ def show_missing_model(err: predict.ModelLoadError) -> None:
             "MLflow model URI such as `models:/asl/1`).")
 
 
-def sidebar(cfg: AppConfig, predictor: predict.Predictor) -> tuple[float, bool, bool]:
-    """Model facts and the settings; returns (confidence threshold, show Grad-CAM, mirror the image)."""
+def choose_model(cfg: AppConfig) -> str:
+    """The model to load: --model_dir, or another training folder under --runs_dir picked in the sidebar."""
+    runs = list_runs(cfg.runs_dir)
+    if not runs:
+        return cfg.model
+    options, index = model_choices(cfg.model, runs)
+    return st.selectbox("Model", options, index=index, key="model",
+                        help=f"--model_dir, or a training folder in '{cfg.runs_dir}' (one that holds a best.pt)")
+
+
+def show_model(source: str, device: str, predictor: predict.Predictor) -> None:
+    """What the sidebar says about the loaded model."""
+    st.caption(f"`{source}` on {device}")
+    st.markdown("\n".join(f"- **{key}**: {value}" for key, value in model_info(predictor).items()))
+    with st.expander("Class names"):
+        st.write(", ".join(predictor.classes))
+
+
+def read_settings() -> tuple[float, bool, bool]:
+    """Read mode's settings; returns (confidence threshold, show Grad-CAM, mirror the image)."""
     with st.sidebar:
-        st.header("Model")
-        st.caption(f"`{cfg.model}` on {cfg.device}")
-        st.markdown("\n".join(f"- **{key}**: {value}" for key, value in model_info(predictor).items()))
-        with st.expander("Class names"):
-            st.write(", ".join(predictor.classes))
         st.header("Settings")
         threshold = st.slider("Confidence threshold", 0.0, 1.0, predict.DEFAULT_THRESHOLD, 0.05,
                               help="Below this probability the app says it is unsure instead of guessing.")
@@ -350,25 +489,109 @@ def show_verdict(verdict: predict.Verdict, threshold: float) -> None:
                    f"below the {threshold:.0%} threshold. Try a clearer photo: one hand, plain background.")
 
 
+def teach(cfg: AppConfig, source: str, classes: Sequence[str]) -> None:
+    """Teach mode: photos of the user's own hand per letter, their counts, and the fine-tuning command."""
+    st.subheader("Teach it your hand")
+    st.caption(f"Photos of your own signs, saved in `{cfg.collect_dir}` (one folder per letter), teach the model "
+               "your hand: a few per letter, in different light and positions, help most.")
+    letter = st.selectbox("Letter", classes, key="teach_letter", width=240)
+    source_kind = st.radio("Photo source", ["Upload", "Camera"], horizontal=True, key="teach_source",
+                           label_visibility="collapsed")
+    # keyed by letter: choosing another letter starts an empty widget, so no photo is shown under the wrong one
+    if source_kind == "Camera":
+        shot = st.camera_input(f"Sign '{letter}' to the camera", key=f"teach_camera_{letter}")
+        files = [shot] if shot else []
+    else:
+        files = st.file_uploader(f"Photos of '{letter}'", type=UPLOAD_TYPES, accept_multiple_files=True,
+                                 max_upload_size=MAX_UPLOAD_MB, key=f"teach_upload_{letter}")
+    save_new_photos(cfg.collect_dir, letter, files, classes)
+    show_collection(cfg.collect_dir, letter, classes)
+    save_dir = Path(cfg.runs_dir) / FINETUNE_RUN
+    st.subheader("Fine-tune on them")
+    st.code(finetune_command(source, cfg.collect_dir, save_dir), language="bash", wrap_lines=True)
+    st.markdown(f"After it finishes, pick `{save_dir}` in the sidebar's model picker (or "
+                f"`streamlit run app.py -- --model_dir {shlex.quote(str(save_dir))}`).")
+
+
+def save_new_photos(collect_dir: str, letter: str, files: Sequence[UploadedFile], classes: Sequence[str]) -> None:
+    """Save each upload once: Streamlit reruns the script on every click with the same files still in the
+    widget, so the ids of those already handled are kept in the session."""
+    handled = st.session_state.setdefault("teach_handled", set())
+    saved = []
+    for file in files:
+        if file.file_id in handled:
+            continue
+        try:
+            save_photo(collect_dir, letter, file.getvalue(), classes, file.name)
+        except (InputError, CollectError) as err:
+            st.error(f"{err} It was not saved.")
+        except OSError as err:  # not marked handled: the next rerun tries again
+            st.error(f"Could not save '{file.name}' in '{collect_dir}' ({err.strerror or err}). Set --collect_dir "
+                     "or ASL_COLLECT_DIR to a folder this app can write to.")
+            continue
+        else:
+            saved.append(file.name)
+        handled.add(file.file_id)
+    if saved:
+        st.success(f"Saved {_photos(len(saved))} of '{letter}'.")
+
+
+def show_collection(collect_dir: str, letter: str, classes: Sequence[str]) -> None:
+    """The count for every class, and the chosen letter's photos, each with its Delete button."""
+    counts = collected_counts(collect_dir, classes)
+    st.markdown("**Photos per letter**")
+    st.table(pd.DataFrame([counts], index=["photos"]))
+    photos = collected_photos(collect_dir, letter)
+    st.markdown(f"**{letter}**: {_photos(len(photos))}")
+    columns = st.columns(THUMBS_PER_ROW)
+    for i, path in enumerate(photos):
+        with columns[i % THUMBS_PER_ROW]:
+            st.image(str(path), caption=path.name, width=THUMB_PX)
+            if st.button("Delete", key=f"delete_{letter}_{path.stem}"):
+                try:
+                    delete_photo(collect_dir, path, classes)
+                except CollectError as err:
+                    st.error(str(err))
+                else:
+                    st.rerun()  # the counts above were drawn before the delete
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'' if n == 1 else 's'}"
+
+
 def page() -> None:
-    """Settings, model, input, result; each problem the user can fix ends in its own message."""
+    """Mode, model, then Read's input and result or Teach's collection; each problem the user can fix ends in
+    its own message."""
     try:
         cfg = parse_config(sys.argv[1:], os.environ)
-        stamp = _stamp(cfg.model)
-        predictor = load_model(cfg.model, cfg.device, stamp, fastest_backend(cfg.model, cfg.device))
+        with st.sidebar:
+            mode = st.segmented_control("Mode", [READ, TEACH], default=READ, required=True,
+                                        help="Read: classify a photo. Teach: collect photos of your own hand.")
+            st.header("Model")
+            source = choose_model(cfg)
+        stamp = _stamp(source)
+        predictor = load_model(source, cfg.device, stamp, fastest_backend(source, cfg.device))
+        if mode == READ:
+            ready_to_read(predictor)
     except (ConfigError, hands.HandModelError) as err:
         st.error(str(err))
         return
     except predict.ModelLoadError as err:
         show_missing_model(err)
         return
-    threshold, explain, mirror = sidebar(cfg, predictor)
+    with st.sidebar:
+        show_model(source, cfg.device, predictor)
+    if mode == TEACH:
+        teach(cfg, source, predictor.classes)
+        return
+    threshold, explain, mirror = read_settings()
     chosen = choose_input(cfg)
     if chosen is None:
         return
     try:
         show_result(predictor, chosen, threshold, explain, mirror,
-                    cam_model=lambda: load_model(cfg.model, cfg.device, stamp))
+                    cam_model=lambda: load_model(source, cfg.device, stamp))
     except InputError as err:
         st.error(str(err))
 

@@ -1,13 +1,18 @@
-"""app.py: its helpers on exact pixels, and the real page under `streamlit.testing` with a tiny trained model.
+"""app.py: its helpers on exact pixels and on real folders, and the real page under `streamlit.testing` with a
+tiny trained model.
 
-The page tests drive the script the way a user does (upload, camera, example, slider, toggle) and read what it
-shows; every bad input must end in its message and never in an exception on the page.
+The page tests drive the script the way a user does (upload, camera, example, slider, toggle, Teach mode, the
+model picker) and read what it shows and what lands on disk; every bad input must end in its message and never
+in an exception on the page, and Teach mode writes nothing outside its folder.
 """
 from __future__ import annotations
 
 import functools
 import io
 import re
+import shlex
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +24,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 import app
+import hands
 import model as models
 import predict
 from conftest import ROOT, make_image_folder
@@ -136,10 +142,12 @@ def test_model_view_undoes_normalisation_and_shows_the_crop():
 
 
 def test_config_command_line_beats_environment_beats_default():
-    env = {"ASL_MODEL_DIR": "from_env", "ASL_EXAMPLES_DIR": "ex"}
-    assert app.parse_config([], {}) == app.AppConfig("runs/latest", None, "cpu")
-    assert app.parse_config(["-q", "--other", "1"], env) == app.AppConfig("from_env", "ex", "cpu")
+    env = {"ASL_MODEL_DIR": "from_env", "ASL_EXAMPLES_DIR": "ex", "ASL_RUNS_DIR": "r", "ASL_COLLECT_DIR": "c"}
+    assert app.parse_config([], {}) == app.AppConfig("runs/latest", None, "cpu", "runs", "data/my_hand")
+    assert app.parse_config(["-q", "--other", "1"], env) == app.AppConfig("from_env", "ex", "cpu", "r", "c")
     assert app.parse_config(["--model_dir", "models:/asl/3"], env).model == "models:/asl/3"
+    cfg = app.parse_config(["--collect_dir", "mine", "--runs_dir", "out"], env)
+    assert (cfg.collect_dir, cfg.runs_dir) == ("mine", "out")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -195,13 +203,159 @@ def test_grad_cam_is_unavailable_for_an_exported_graph():
     assert app.grad_cam(predictor, Image.fromarray(noise(32, 32)), 0) is None
 
 
+# ---------------------------------------------------------------------------------------------- Teach's folder
+
+CLASSES = ["A", "B", "del"]
+
+
+def files_under(folder) -> list[str]:
+    """Every file and folder under `folder`, hidden ones (temporary files) included, as relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_photo_is_saved_as_an_upright_jpeg_named_by_time(tmp_path):
+    data, upright = exif_rotated_jpeg()
+    path = app.save_photo(tmp_path / "mine", "B", data, CLASSES, "../../evil.png")
+    assert path.parent == (tmp_path / "mine" / "B").resolve()
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}\.jpg", path.name)  # not the upload's name
+    assert files_under(tmp_path) == ["mine", "mine/B", f"mine/B/{path.name}"]  # no temporary file is left
+    with Image.open(path) as saved:
+        assert saved.format == "JPEG" and saved.mode == "RGB" and saved.size == (30, 60)
+        pixels = np.asarray(saved).astype(int)
+    # EXIF rotation applied: close to the upright pixels (two JPEG passes of small colour blocks), far from upside down
+    assert np.abs(pixels - upright).mean() < 12 < np.abs(pixels - upright[::-1, ::-1]).mean()
+
+
+def test_photo_names_never_collide(tmp_path):
+    when = datetime(2026, 11, 30, 1, 15, 2, 123456)
+    first = app.photo_path(tmp_path, when)
+    assert first.name == "20261130-011502-123456.jpg"
+    first.touch()
+    second = app.photo_path(tmp_path, when)
+    second.touch()
+    assert second.name == "20261130-011502-123456-1.jpg"
+    assert app.photo_path(tmp_path, when).name == "20261130-011502-123456-2.jpg"
+
+
+@pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not an image"),
+                                           (truncated_jpeg(), "truncated or damaged"), (bomb_png(), "too large")],
+                         ids=["empty", "not an image", "truncated", "bomb"])
+def test_a_bad_upload_is_refused_and_nothing_is_written(tmp_path, data, message):
+    with pytest.raises(app.InputError, match=message):
+        app.save_photo(tmp_path / "mine", "A", data, CLASSES, "upload.jpg")
+    assert files_under(tmp_path) == []
+
+
+def test_a_class_the_model_does_not_have_is_refused(tmp_path):
+    with pytest.raises(app.CollectError, match="'Z' is not one of the model's classes"):
+        app.save_photo(tmp_path, "Z", encode(Image.fromarray(noise(32, 32)), "PNG"), CLASSES)
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("class_name", ["..", "../A", "", ".", "A/../..", "A/B", "/tmp"])
+def test_a_class_name_that_leads_elsewhere_is_refused(tmp_path, class_name):
+    # the model's own class list, from a foreign checkpoint: the name is still not trusted as a path
+    with pytest.raises(app.CollectError, match="would lead outside"):
+        app.save_photo(tmp_path / "mine", class_name, encode(Image.fromarray(noise(32, 32)), "PNG"),
+                       [*CLASSES, class_name])
+    assert files_under(tmp_path) == []
+
+
+def test_a_failed_write_leaves_neither_photo_nor_temporary_file(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app.run_artifacts.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        app.save_photo(tmp_path, "A", encode(Image.fromarray(noise(32, 32)), "PNG"), CLASSES)
+    assert files_under(tmp_path) == ["A"]
+
+
+def test_counts_are_what_training_would_read(tmp_path):
+    for n in range(3):
+        app.save_photo(tmp_path, "A", encode(Image.fromarray(noise(32, 32, seed=n)), "PNG"), CLASSES)
+    app.save_photo(tmp_path, "del", encode(Image.fromarray(noise(32, 32)), "PNG"), CLASSES)
+    (tmp_path / "A" / "notes.txt").write_text("not a photo")
+    (tmp_path / "A" / "broken.jpg").write_bytes(b"not a photo either")
+    (tmp_path / "A" / ".x.jpg.123.tmp").write_bytes(b"an interrupted write")
+    (tmp_path / "Z").mkdir()  # not one of the model's classes
+    (tmp_path / "Z" / "z.jpg").write_bytes(encode(Image.fromarray(noise(8, 8)), "JPEG"))
+    assert app.collected_counts(tmp_path, CLASSES) == {"A": 3, "B": 0, "del": 1}
+    assert app.collected_counts(tmp_path / "nowhere", CLASSES) == {"A": 0, "B": 0, "del": 0}
+    photos = app.collected_photos(tmp_path, "A")
+    assert [p.name for p in photos] == sorted(p.name for p in photos) and len(photos) == 3
+
+
+def test_a_photo_is_deleted_and_an_emptied_folder_goes_too(tmp_path):
+    png = encode(Image.fromarray(noise(32, 32)), "PNG")
+    first, second = (app.save_photo(tmp_path, "B", png, CLASSES) for _ in range(2))
+    app.delete_photo(tmp_path, first, CLASSES)
+    assert files_under(tmp_path) == ["B", f"B/{second.name}"]
+    app.delete_photo(tmp_path, second, CLASSES)
+    app.delete_photo(tmp_path, second, CLASSES)  # already gone (another tab): nothing to do
+    assert files_under(tmp_path) == []  # training refuses an empty class folder
+
+
+def test_deleting_anything_else_is_refused(tmp_path):
+    collect, outside = tmp_path / "mine", tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "x.jpg"
+    victim.write_bytes(encode(Image.fromarray(noise(8, 8)), "JPEG"))
+    app.save_photo(collect, "A", encode(Image.fromarray(noise(32, 32)), "PNG"), CLASSES)
+    (collect / "A" / "link.jpg").symlink_to(victim)
+    (collect / "B").symlink_to(outside, target_is_directory=True)
+    (collect / "Z").mkdir()
+    (collect / "Z" / "z.jpg").write_bytes(victim.read_bytes())
+    (collect / "A" / "notes.txt").write_text("keep me")
+    (collect / "top.jpg").write_bytes(victim.read_bytes())
+    before = files_under(tmp_path)
+    for path in [victim, collect / "A" / ".." / ".." / "outside" / "x.jpg", collect / "A" / "../x.jpg",
+                 collect / "A" / "link.jpg", collect / "B" / "x.jpg", collect / "Z" / "z.jpg",
+                 collect / "A" / "notes.txt", collect / "top.jpg", collect / "A", collect]:
+        with pytest.raises(app.CollectError, match="nothing was deleted"):
+            app.delete_photo(collect, path, CLASSES)
+    assert files_under(tmp_path) == before and victim.read_bytes()
+
+
+def test_the_finetune_command_quotes_every_path():
+    command = app.finetune_command("runs/my model", "data/it's $(mine)", "runs/my_hand")
+    assert command == ("python pt_train.py --init_from 'runs/my model' --xtrain_path 'data/it'\"'\"'s $(mine)' "
+                       "--save_dir runs/my_hand")
+    assert shlex.split(command) == ["python", "pt_train.py", "--init_from", "runs/my model",
+                                    "--xtrain_path", "data/it's $(mine)", "--save_dir", "runs/my_hand"]
+
+
+def test_runs_with_a_best_checkpoint_are_listed(tmp_path):
+    for name, files in {"b": ["best.pt"], "a": ["best.pt", "last.pt"], "only_last": ["last.pt"], "empty": []}.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_bytes(b"")
+    (tmp_path / "best.pt").write_bytes(b"")  # a checkpoint at the top is no run folder
+    assert app.list_runs(tmp_path) == [tmp_path / "a", tmp_path / "b"]
+    assert app.list_runs(tmp_path / "nowhere") == []
+
+
+def test_the_model_picker_starts_at_model_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = [Path("runs/a"), Path("runs/latest")]
+    for run in runs:
+        run.mkdir(parents=True)
+    assert app.model_choices("runs/latest", runs) == (["runs/a", "runs/latest"], 1)
+    assert app.model_choices(str(tmp_path / "runs" / "a"), runs) == (["runs/a", "runs/latest"], 0)
+    assert app.model_choices("elsewhere/best.pt", runs) == (["elsewhere/best.pt", "runs/a", "runs/latest"], 0)
+    assert app.model_choices("models:/asl/1", runs) == (["models:/asl/1", "runs/a", "runs/latest"], 0)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 @pytest.fixture
-def page(monkeypatch, trained_run):
-    """Start the page against the tiny trained model; returns a function that starts it with given settings."""
+def page(monkeypatch, trained_run, tmp_path):
+    """Start the page against the tiny trained model; returns a function that starts it with given settings.
+    Teach mode saves into tmp_path/my_hand; the model picker lists tmp_path/runs (none unless a test makes it)."""
     def start(model_dir=trained_run, examples_dir=None) -> AppTest:
         monkeypatch.setenv("ASL_MODEL_DIR", str(model_dir))
+        monkeypatch.setenv("ASL_RUNS_DIR", str(tmp_path / "runs"))
+        monkeypatch.setenv("ASL_COLLECT_DIR", str(tmp_path / "my_hand"))
         if examples_dir is None:
             monkeypatch.delenv("ASL_EXAMPLES_DIR", raising=False)
         else:
@@ -413,11 +567,133 @@ def test_grad_cam_overlay_on_request(page, predictor, synthetic_dir):
     assert len(captions(at)) == 3 and captions(at)[2] == f"Where it looked for '{label}'"
 
 
+# ---------------------------------------------------------------------------------------------- Teach mode
+
+def teach(at: AppTest) -> AppTest:
+    at.sidebar.segmented_control[0].set_value("Teach")
+    return at.run()
+
+
+def shown_counts(at: AppTest) -> dict[str, int]:
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    (table,) = at.table
+    return {name: int(count) for name, count in table.value.loc["photos"].items()}
+
+
+def jpeg(synthetic_dir, name: str) -> bytes:
+    return (synthetic_dir / name[0] / name).read_bytes()
+
+
+def test_teach_mode_shows_the_counts_and_the_finetune_command(page, trained_run, tmp_path):
+    at = page()
+    assert at.sidebar.segmented_control[0].options == ["Read", "Teach"] and at.slider  # Read by default
+    at = teach(at)
+    assert shown_counts(at) == {"A": 0, "B": 0, "C": 0}
+    assert not at.slider and not at.toggle and not at.sidebar.selectbox  # no Read settings; no runs to pick from
+    assert at.selectbox(key="teach_letter").options == ["A", "B", "C"]
+    assert at.code[0].value == (f"python pt_train.py --init_from {trained_run} --xtrain_path {tmp_path / 'my_hand'} "
+                                f"--save_dir {tmp_path / 'runs' / 'my_hand'}")
+    assert f"pick `{tmp_path / 'runs' / 'my_hand'}` in the sidebar's model picker" in at.main.markdown[-1].value
+    assert not (tmp_path / "my_hand").exists()  # looking writes nothing
+
+
+def test_teach_mode_saves_each_upload_once_and_deletes_a_photo(page, tmp_path, synthetic_dir):
+    collect = tmp_path / "my_hand"
+    at = teach(page())
+    at.selectbox(key="teach_letter").set_value("B").run()
+    at.file_uploader[0].set_value([("B1.jpg", jpeg(synthetic_dir, "B1.jpg"), "image/jpeg"),
+                                   ("notes.jpg", b"just text", "image/jpeg"),
+                                   ("B2.jpg", jpeg(synthetic_dir, "B2.jpg"), "image/jpeg")]).run()
+    (error,) = at.error
+    assert "'notes.jpg' is not an image this app can read" in error.value and "It was not saved." in error.value
+    assert at.success[0].value == "Saved 2 photos of 'B'."
+    photos = sorted((collect / "B").iterdir())
+    assert len(photos) == 2 and files_under(collect) == ["B", *(f"B/{p.name}" for p in photos)]
+    at.run()  # any click reruns the script with the files still in the widget: nothing is saved again
+    assert shown_counts(at) == {"A": 0, "B": 2, "C": 0} and not at.success
+    assert sorted((collect / "B").iterdir()) == photos and captions(at) == [p.name for p in photos]
+    assert "**B**: 2 photos" in [md.value for md in at.markdown]
+
+    at.button(key=f"delete_B_{photos[0].stem}").click().run()
+    assert shown_counts(at) == {"A": 0, "B": 1, "C": 0}
+    assert sorted((collect / "B").iterdir()) == photos[1:] and captions(at) == [photos[1].name]
+
+    at.selectbox(key="teach_letter").set_value("A").run()  # another letter: a fresh, empty uploader
+    assert not at.file_uploader[0].value and captions(at) == []
+    at.file_uploader[0].set_value(("A1.jpg", jpeg(synthetic_dir, "A1.jpg"), "image/jpeg")).run()
+    assert shown_counts(at) == {"A": 1, "B": 1, "C": 0} and at.success[0].value == "Saved 1 photo of 'A'."
+
+
+def test_teach_mode_saves_a_camera_snapshot_once(page, tmp_path, synthetic_dir):
+    at = teach(page())
+    at.radio(key="teach_source").set_value("Camera").run()
+    at.camera_input[0].set_value(("photo.jpg", jpeg(synthetic_dir, "A2.jpg"), "image/jpeg")).run()
+    assert shown_counts(at) == {"A": 1, "B": 0, "C": 0}
+    at.run()
+    assert shown_counts(at) == {"A": 1, "B": 0, "C": 0} and len(list((tmp_path / "my_hand" / "A").iterdir())) == 1
+
+
+def test_teach_mode_needs_no_hand_finder(page, monkeypatch):
+    def no_mediapipe(self):
+        raise hands.HandModelError("MediaPipe is not installed: pip install mediapipe")
+
+    monkeypatch.setattr(predict.Predictor, "uses_hands", property(lambda self: True))
+    monkeypatch.setattr(predict.Predictor, "finder", property(no_mediapipe))
+    at = page()
+    assert at.error[0].value == "MediaPipe is not installed: pip install mediapipe"  # Read says so at once
+    assert shown_counts(teach(at)) == {"A": 0, "B": 0, "C": 0} and at.file_uploader
+
+
+def test_an_unwritable_collect_folder_is_explained(page, tmp_path, synthetic_dir):
+    (tmp_path / "my_hand").write_text("a file where the folder should be")
+    at = teach(page())
+    at.file_uploader[0].set_value(("A1.jpg", jpeg(synthetic_dir, "A1.jpg"), "image/jpeg")).run()
+    assert not at.exception
+    assert at.error[0].value.startswith(f"Could not save 'A1.jpg' in '{tmp_path / 'my_hand'}'")
+    assert "--collect_dir" in at.error[0].value
+
+
+def renamed_run(trained_run, folder: Path, classes: list[str]) -> Path:
+    """A copy of the trained model whose classes are renamed: it tells which model the page has loaded."""
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt["metadata"]["classes"] = classes
+    folder.mkdir(parents=True)
+    torch.save(ckpt, folder / "best.pt")
+    return folder
+
+
+def test_the_model_picker_loads_a_run_and_teach_uses_it(page, trained_run, tmp_path):
+    mine = renamed_run(trained_run, tmp_path / "runs" / "mine", ["X", "Y", "Z"])
+    (tmp_path / "runs" / "unfinished").mkdir()  # no best.pt: not offered
+    at = teach(page())
+    picker = at.sidebar.selectbox(key="model")
+    assert picker.options == [str(trained_run), str(mine)] and picker.value == str(trained_run)
+    assert shown_counts(at) == {"A": 0, "B": 0, "C": 0}
+    picker.set_value(str(mine)).run()
+    assert shown_counts(at) == {"X": 0, "Y": 0, "Z": 0} and at.sidebar.markdown[1].value == "X, Y, Z"
+    assert f"--init_from {mine} " in at.code[0].value
+
+
+def test_the_model_picker_starts_at_a_model_dir_under_runs(page, trained_run, tmp_path):
+    first = renamed_run(trained_run, tmp_path / "runs" / "first", ["X", "Y", "Z"])
+    second = renamed_run(trained_run, tmp_path / "runs" / "second", ["P", "Q", "R"])
+    at = page(model_dir=second)
+    picker = at.sidebar.selectbox(key="model")
+    assert picker.options == [str(first), str(second)] and picker.value == str(second)
+    assert at.sidebar.markdown[1].value == "P, Q, R" and not at.error
+
+
+def test_a_missing_model_dir_can_be_replaced_in_the_picker(page, trained_run, tmp_path):
+    mine = renamed_run(trained_run, tmp_path / "runs" / "mine", ["X", "Y", "Z"])
+    at = page(model_dir=tmp_path / "nowhere")
+    assert at.error[0].value.startswith("**No model to run.**")
+    at.sidebar.selectbox(key="model").set_value(str(mine)).run()
+    assert not at.error and at.sidebar.markdown[1].value == "X, Y, Z" and at.file_uploader
+
+
 # ---------------------------------------------------------------------------------------------- hands
 
 def test_draw_hand_marks_the_box_and_the_skeleton():
-    import hands
-
     points = np.zeros((21, 3), np.float32)
     points[:, 0], points[:, 1] = np.linspace(0.3, 0.7, 21), np.linspace(0.2, 0.8, 21)
     image = Image.new("RGB", (200, 100), (0, 0, 0))

@@ -1,5 +1,6 @@
 """app.py end to end: `streamlit run` on a loopback port, a real headless Chromium uploads an image and reads
-the prediction. The screenshot lands in test-artifacts/app.png.
+the prediction, or teaches the app photos of two letters and deletes one. The screenshots land in
+test-artifacts/ (app.png, app_teach.png).
 
 Needs Debian's chromium (/usr/bin/chromium; `.ci/run` installs it) and the Python playwright package, which
 drives it directly: no `playwright install`, no browser download.
@@ -55,13 +56,14 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: f
 @pytest.fixture
 def serve(tmp_path):
     """Starts `streamlit run app.py` against a model on a free loopback port; returns its URL. Stopped after the
-    test."""
+    test. Teach mode saves into tmp_path/my_hand, and the model picker lists tmp_path/runs."""
     servers = []
 
     def start(model_dir: Path) -> str:
         port = free_port()
         log = tmp_path / f"streamlit-{port}.log"
-        env = dict(os.environ, ASL_MODEL_DIR=str(model_dir), OMP_NUM_THREADS="1")
+        env = dict(os.environ, ASL_MODEL_DIR=str(model_dir), ASL_COLLECT_DIR=str(tmp_path / "my_hand"),
+                   ASL_RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
         with log.open("w") as out:
             servers.append(subprocess.Popen(
                 [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
@@ -83,14 +85,15 @@ def serve(tmp_path):
 
 
 @contextlib.contextmanager
-def browser_page(artifact: Path):
-    """A page of headless Chromium; its screenshot lands in `artifact`, also when the test failed (it shows why)."""
+def browser_page(artifact: Path, height: int = 800):
+    """A page of headless Chromium; its screenshot lands in `artifact`, also when the test failed (it shows why).
+    The screenshot shows `height` pixels: Streamlit scrolls inside the page, so a full-page shot shows no more."""
     from playwright.sync_api import sync_playwright
 
     artifact.parent.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_page(viewport={"width": 1280, "height": height})
         try:
             yield page
         finally:
@@ -142,3 +145,41 @@ def test_the_hand_aware_app_in_a_real_browser_draws_the_hand_or_says_there_is_no
         expect(page.get_by_text("Your image (160x120), no hand found")).to_be_visible(timeout=TIMEOUT_MS)
         expect(page.get_by_text("Prediction:")).to_have_count(0)
         expect(page.get_by_text("HandFinder")).to_have_count(0)  # nothing of the code leaks onto the page
+
+
+def shown_counts(page) -> list[str]:
+    return page.get_by_test_id("stTable").locator("tbody td").all_inner_texts()
+
+
+def test_teach_mode_in_a_real_browser_saves_counts_and_deletes_photos(serve, trained_run, synthetic_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    collect = tmp_path / "my_hand"
+    url = serve(trained_run)
+    with browser_page(ROOT / "test-artifacts" / "app_teach.png", height=1300) as page:
+        page.goto(url)
+        page.get_by_role("radio", name="Teach").click(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("Teach it your hand")).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("python pt_train.py --init_from")).to_have_text(
+            f"python pt_train.py --init_from {trained_run} --xtrain_path {collect} --save_dir {tmp_path / 'runs'}"
+            "/my_hand")
+        page.locator(".st-key-teach_upload_A input[type=file]").set_input_files(synthetic_dir / "A" / "A1.jpg")
+        expect(page.get_by_text("Saved 1 photo of 'A'.")).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("A: 1 photo", exact=True)).to_be_visible()
+
+        page.get_by_role("combobox", name="Letter").click()
+        page.get_by_role("option", name="B", exact=True).click()
+        expect(page.get_by_text("B: 0 photos", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+        page.locator(".st-key-teach_upload_B input[type=file]").set_input_files(
+            [synthetic_dir / "B" / "B1.jpg", synthetic_dir / "B" / "B2.jpg"])
+        expect(page.get_by_text("Saved 2 photos of 'B'.")).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("B: 2 photos", exact=True)).to_be_visible()
+        assert shown_counts(page) == ["1", "2", "0"]
+        photos = sorted((collect / "B").iterdir())
+        assert [p.name for p in sorted((collect / "A").iterdir())] != [] and len(photos) == 2
+
+        page.locator(f".st-key-delete_B_{photos[0].stem} button").click()
+        expect(page.get_by_text("B: 1 photo", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_test_id("stTable").locator("tbody td")).to_have_text(["1", "1", "0"])
+        expect(page.get_by_test_id("stImage")).to_have_count(1)
+        assert sorted((collect / "B").iterdir()) == photos[1:]
