@@ -31,7 +31,7 @@ import shlex
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -243,13 +243,21 @@ def collected_counts(collect_dir: str | os.PathLike, classes: Sequence[str]) -> 
 
 
 def photo_path(folder: Path, when: datetime) -> Path:
-    """`folder/<timestamp>.jpg` (to the microsecond) for a photo taken at `when`; `-1`, `-2`, ... is added while
-    that name is taken, so no photo is ever overwritten."""
-    stem = when.strftime("%Y%m%d-%H%M%S-%f")
-    path, n = folder / f"{stem}.jpg", 0
+    """`folder/<YYYYMMDDhhmmssffffff>.jpg` for a photo taken at `when`. Digits only: training reads the name as a
+    frame number, so its block split keeps photos taken one after another on the same side. A name already
+    taken moves on by a microsecond, so no photo is ever overwritten."""
+    while (path := folder / f"{when:%Y%m%d%H%M%S%f}.jpg").exists():
+        when += timedelta(microseconds=1)
+    return path
+
+
+def free_run_dir(runs_dir: str | os.PathLike, name: str) -> Path:
+    """`runs_dir/name`, or `name-2`, `name-3`, ... where that holds a run: a new fine-tuning never lands on an
+    earlier model (pt_train.py would refuse it anyway)."""
+    path, n = Path(runs_dir) / name, 1
     while path.exists():
         n += 1
-        path = folder / f"{stem}-{n}.jpg"
+        path = Path(runs_dir) / f"{name}-{n}"
     return path
 
 
@@ -506,7 +514,7 @@ def teach(cfg: AppConfig, source: str, classes: Sequence[str]) -> None:
                                  max_upload_size=MAX_UPLOAD_MB, key=f"teach_upload_{letter}")
     save_new_photos(cfg.collect_dir, letter, files, classes)
     show_collection(cfg.collect_dir, letter, classes)
-    save_dir = Path(cfg.runs_dir) / FINETUNE_RUN
+    save_dir = free_run_dir(cfg.runs_dir, FINETUNE_RUN)
     st.subheader("Fine-tune on them")
     st.code(finetune_command(source, cfg.collect_dir, save_dir), language="bash", wrap_lines=True)
     st.markdown(f"After it finishes, pick `{save_dir}` in the sidebar's model picker (or "

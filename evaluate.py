@@ -235,13 +235,14 @@ def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_s
     return np.concatenate(probs), kept, failed
 
 
-def find_hands(predictor: predict.Predictor, samples: list[Sample], mirror: bool = False
+def find_hands(predictor: predict.Predictor, samples: list[Sample], mirror: bool = False, workers: int = 1
                ) -> list[hands.Hand | None] | None:
     """The hand in each image (cached per file; mirrored with `mirror`, as the image is), or None for a model
-    that does not look for hands."""
+    that does not look for hands; a long search runs in `workers` processes."""
     if not predictor.uses_hands:
         return None
-    found = hands.find_hands([path for path, _ in samples], predictor.finder, image_io.load_rgb)
+    found = hands.find_hands([path for path, _ in samples], predictor.finder, image_io.load_rgb,
+                             workers=workers)
     return [hand.mirrored() if hand is not None and mirror else hand for hand in found]
 
 
@@ -645,7 +646,7 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
         data.notes.append("Every image was mirrored left-right before scoring (--mirror); the figures show them "
                           "as stored.")
     probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror)
-    found = find_hands(predictor, scored, args.mirror)
+    found = find_hands(predictor, scored, args.mirror, max(1, args.num_workers))
     if found is not None:
         probs = predictor.combine(torch.from_numpy(probs), found).numpy()
     y_true = np.array([label for _, label in scored])

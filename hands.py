@@ -261,34 +261,73 @@ def _save_cache(path: Path, model_hash: str, hands: dict[str, Hand | None]) -> N
 
 
 def cache_file(paths: Iterable[str], cache_dir: Path | None = None) -> Path:
-    """Where the hands of this set of files are cached: one file per folder set, named by a hash of the folders."""
+    """Where the hands of these files are cached: one file per dataset folder (the folder of their class
+    folders), named by a hash of it."""
     folders = sorted({str(Path(p).resolve().parent.parent) for p in paths})
     name = hashlib.sha256("\n".join(folders).encode()).hexdigest()[:16]
     return (cache_dir or default_cache_dir()) / f"found-{name}.npz"
 
 
-def find_hands(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Image],
-               cache_path: Path | None = None, progress: bool = True) -> list[Hand | None]:
-    """The hand in each image file (None where there is none or the file cannot be read), cached on disk.
+# Below this many images, starting worker processes (each loads MediaPipe) costs more than it saves.
+PARALLEL_MIN_IMAGES = 256
 
-    `load` opens a file as RGB (the project's image policy); files it cannot read count as "no hand".
+
+def find_hands(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Image],
+               cache_path: Path | None = None, progress: bool = True, workers: int = 1) -> list[Hand | None]:
+    """The hand in each image file (None where there is none or the file cannot be read), cached on disk per
+    dataset folder (`cache_file`; one `cache_path` instead, if given), so that a fine-tuning run that mixes in
+    an earlier run's data does not search its images again.
+
+    `load` opens a file as RGB (the project's image policy); files it cannot read count as "no hand". With
+    `workers` > 1, a long search runs in that many processes, each with its own HandFinder.
     """
+    keys = {path: _file_key(path) for path in paths}
+    where = {path: cache_path or cache_file([path]) for path in paths}
+    model_hash = _sha256(finder.model_path)
+    caches = {folder: _load_cache(folder, model_hash) for folder in set(where.values())}
+    todo = [path for path in dict.fromkeys(paths) if keys[path] not in caches[where[path]]]
+    if todo:
+        for path, hand in zip(todo, _search(todo, finder, load, workers, progress)):
+            caches[where[path]][keys[path]] = hand
+        for folder in {where[path] for path in todo}:
+            _save_cache(folder, model_hash, caches[folder])
+    return [caches[where[path]][keys[path]] for path in paths]
+
+
+def _find_one(finder: HandFinder, load: Callable[[str], Image.Image], path: str) -> Hand | None:
+    try:
+        return finder.find(load(path))
+    except ValueError as err:  # the image policy's refusal of an unreadable file
+        log.warning("No hand searched in %s: %s", path, err)
+        return None
+
+
+def _search_chunk(model_path: str, load: Callable[[str], Image.Image], paths: list[str]) -> list[Hand | None]:
+    """A worker process's share of the search (its own HandFinder: MediaPipe graphs are not shared)."""
+    with HandFinder(model_path) as finder:
+        return [_find_one(finder, load, path) for path in paths]
+
+
+def _search(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Image], workers: int,
+            progress: bool) -> list[Hand | None]:
     from tqdm import tqdm
 
-    cache_path = cache_path or cache_file(paths)
-    model_hash = _sha256(finder.model_path)
-    cached = _load_cache(cache_path, model_hash)
-    keys = [_file_key(p) for p in paths]
-    todo = [(p, k) for p, k in zip(paths, keys) if k not in cached]
-    if todo:
-        for path, key in tqdm(todo, desc="finding hands", disable=not progress, mininterval=5, leave=False):
-            try:
-                cached[key] = finder.find(load(path))
-            except ValueError as err:  # the image policy's refusal of an unreadable file
-                log.warning("No hand searched in %s: %s", path, err)
-                cached[key] = None
-        _save_cache(cache_path, model_hash, cached)
-    return [cached[k] for k in keys]
+    if workers <= 1 or len(paths) < PARALLEL_MIN_IMAGES:
+        return [_find_one(finder, load, path) for path in
+                tqdm(paths, desc="finding hands", disable=not progress, mininterval=5, leave=False)]
+    import concurrent.futures
+    import functools
+    import multiprocessing
+
+    # spawn, not fork: this process already runs MediaPipe's threads, which a fork would copy mid-flight
+    chunks = [paths[i::workers] for i in range(workers)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log.info("Finding hands in %d images with %d processes", len(paths), workers)
+        results = list(pool.map(functools.partial(_search_chunk, str(finder.model_path), load), chunks))
+    found: list[Hand | None] = [None] * len(paths)
+    for k, result in enumerate(results):
+        found[k::workers] = result
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- features

@@ -24,6 +24,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 import app
+import data_loader
 import hands
 import model as models
 import predict
@@ -217,7 +218,7 @@ def test_a_photo_is_saved_as_an_upright_jpeg_named_by_time(tmp_path):
     data, upright = exif_rotated_jpeg()
     path = app.save_photo(tmp_path / "mine", "B", data, CLASSES, "../../evil.png")
     assert path.parent == (tmp_path / "mine" / "B").resolve()
-    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}\.jpg", path.name)  # not the upload's name
+    assert re.fullmatch(r"\d{20}\.jpg", path.name)  # not the upload's name
     assert files_under(tmp_path) == ["mine", "mine/B", f"mine/B/{path.name}"]  # no temporary file is left
     with Image.open(path) as saved:
         assert saved.format == "JPEG" and saved.mode == "RGB" and saved.size == (30, 60)
@@ -226,15 +227,25 @@ def test_a_photo_is_saved_as_an_upright_jpeg_named_by_time(tmp_path):
     assert np.abs(pixels - upright).mean() < 12 < np.abs(pixels - upright[::-1, ::-1]).mean()
 
 
-def test_photo_names_never_collide(tmp_path):
+def test_photo_names_never_collide_and_sort_as_frames(tmp_path):
     when = datetime(2026, 11, 30, 1, 15, 2, 123456)
-    first = app.photo_path(tmp_path, when)
-    assert first.name == "20261130-011502-123456.jpg"
-    first.touch()
-    second = app.photo_path(tmp_path, when)
-    second.touch()
-    assert second.name == "20261130-011502-123456-1.jpg"
-    assert app.photo_path(tmp_path, when).name == "20261130-011502-123456-2.jpg"
+    names = []
+    for _ in range(3):
+        path = app.photo_path(tmp_path, when)
+        path.touch()
+        names.append(path.name)
+    assert names == ["20261130011502123456.jpg", "20261130011502123457.jpg", "20261130011502123458.jpg"]
+    later = app.photo_path(tmp_path, datetime(2026, 11, 30, 1, 16))
+    # training's block split orders photos by the number in their name: the time they were taken
+    assert [data_loader.frame_number(n) for n in [*names, later.name]] == sorted(
+        data_loader.frame_number(n) for n in [*names, later.name])
+
+
+def test_a_new_finetuning_never_lands_on_an_earlier_model(tmp_path):
+    assert app.free_run_dir(tmp_path, "my_hand") == tmp_path / "my_hand"
+    (tmp_path / "my_hand").mkdir()
+    (tmp_path / "my_hand-2").mkdir()
+    assert app.free_run_dir(tmp_path, "my_hand") == tmp_path / "my_hand-3"
 
 
 @pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not an image"),

@@ -129,6 +129,24 @@ def test_recomputed_validation_split_equals_the_training_split(trained_run):
     assert "equals the 9 files" in data.notes[0]
 
 
+def test_the_validation_split_of_a_fine_tuning_on_several_folders_is_recomputed(trained_run, tmp_path):
+    import pt_train
+
+    mine = make_image_folder(tmp_path / "mine", classes=("b", "E"), per_class=6, seed=2)
+    run = tmp_path / "tuned"
+    assert pt_train.main(["--init_from", str(trained_run), "--xtrain_path", str(mine), "--save_dir", str(run),
+                          "--total_epochs", "1", "--replay", "3", "--batch_size", "8", "--num_workers", "0",
+                          "--no-augment", "--hands", "none"]) == 0
+    data = evaluate.load_validation_split(predict.load_predictor(run), run)
+    folders = json.loads((run / "split.json").read_text())["folders"]
+    assert "equals the" in data.notes[0] and "3 per class replayed" in data.description
+    assert sorted(str(Path(p).relative_to(f["root"])) for f in folders for p, _ in data.samples
+                  if Path(p).is_relative_to(f["root"])) == sorted(v for f in folders for v in f["val"])
+    classes = predict.load_predictor(run).classes
+    assert classes[-1] == "E" and {classes[label] for p, label in data.samples if Path(p).is_relative_to(mine)} \
+        == {"B", "E"}  # the folder's b/ is the model's B
+
+
 def test_a_changed_data_folder_is_reported_and_only_held_out_files_are_scored(trained_run, tmp_path):
     config = json.loads((trained_run / "config.json").read_text())
     val = json.loads((trained_run / "split.json").read_text())["folders"][0]["val"]

@@ -144,6 +144,38 @@ def test_find_hands_caches_per_file_and_notices_changes(tmp_path):
     assert finder.calls == 7
 
 
+def test_each_dataset_folder_keeps_its_own_cache(tmp_path, monkeypatch):
+    """A fine-tuning run mixes the user's photos with the data of an earlier run: only the new photos are searched."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model.task"
+    model.write_bytes(b"m")
+    folders = {}
+    for name in ("kaggle", "mine"):
+        folders[name] = []
+        for i in range(3):
+            (tmp_path / name / "A").mkdir(parents=True, exist_ok=True)
+            folders[name].append(str(tmp_path / name / "A" / f"{i}.png"))
+            Image.new("RGB", (8, 8), (255, 0, 0)).save(folders[name][-1])
+    finder = CountingFinder(model)
+    hands.find_hands(folders["kaggle"], finder, image_io.load_rgb, progress=False)
+    assert finder.calls == 3
+    both = hands.find_hands(folders["mine"] + folders["kaggle"], finder, image_io.load_rgb, progress=False)
+    assert finder.calls == 6 and all(hand is not None for hand in both)
+    assert len(list((tmp_path / "cache").rglob("found-*.npz"))) == 2
+
+
+@needs_real
+def test_a_search_in_several_processes_finds_what_one_process_finds(finder, tmp_path, monkeypatch):
+    monkeypatch.setattr(hands, "PARALLEL_MIN_IMAGES", 1)
+    paths = [str(p) for letter in "ALY" for p in sorted((SHARED / "train" / letter).iterdir())[:3]]
+    alone = hands.find_hands(paths, finder, image_io.load_rgb, tmp_path / "one.npz", progress=False)
+    together = hands.find_hands(paths, finder, image_io.load_rgb, tmp_path / "two.npz", progress=False, workers=2)
+    assert [h is None for h in alone] == [h is None for h in together] and any(h is not None for h in alone)
+    for one, two in zip(alone, together):
+        if one is not None:
+            np.testing.assert_allclose(one.landmarks, two.landmarks, atol=1e-5)
+
+
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     model = tmp_path / "model.task"
     model.write_bytes(b"m")

@@ -399,3 +399,11 @@ def test_replay_says_what_to_do_when_the_model_s_data_is_gone(two_folders, base_
     assert code == 2 and "is not on this machine" in err and "--replay 0" in err
     assert pt_train.main(["--init_from", str(run), "--xtrain_path", str(two_folders[1]), "--save_dir",
                           str(tmp_path / "t"), "--replay", "0", "--total_epochs", "1", *FAST[4:]]) == 0
+
+
+@pytest.mark.parametrize("source, message", [("models:/asl/1", "cannot be trained further"),
+                                             ("no/such/run", "does not exist")])
+def test_fine_tuning_names_what_it_cannot_start_from(two_folders, source, message, tmp_path, capsys):
+    code = pt_train.main(["--init_from", source, "--xtrain_path", str(two_folders[1]), "--save_dir",
+                          str(tmp_path / "t")])
+    assert code == 2 and message in capsys.readouterr().err
