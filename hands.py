@@ -321,9 +321,13 @@ def _search(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Im
 
     # spawn, not fork: this process already runs MediaPipe's threads, which a fork would copy mid-flight
     chunks = [paths[i::workers] for i in range(workers)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        log.info("Finding hands in %d images with %d processes", len(paths), workers)
-        results = list(pool.map(functools.partial(_search_chunk, str(finder.model_path), load), chunks))
+    log.info("Finding hands in %d images with %d processes", len(paths), workers)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(functools.partial(_search_chunk, str(finder.model_path), load), chunks))
+    except concurrent.futures.process.BrokenProcessPool as err:  # a worker killed (memory) or unable to start
+        log.warning("The hand search in %d processes failed (%s); searching in this process instead.", workers, err)
+        return _search(paths, finder, load, 1, progress)
     found: list[Hand | None] = [None] * len(paths)
     for k, result in enumerate(results):
         found[k::workers] = result

@@ -176,6 +176,36 @@ def test_a_search_in_several_processes_finds_what_one_process_finds(finder, tmp_
             np.testing.assert_allclose(one.landmarks, two.landmarks, atol=1e-5)
 
 
+def test_a_failed_pool_of_search_processes_falls_back_to_this_process(tmp_path, monkeypatch, caplog):
+    import concurrent.futures
+
+    class BrokenPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, *args):
+            raise concurrent.futures.process.BrokenProcessPool("a worker was killed")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(hands, "PARALLEL_MIN_IMAGES", 1)
+    model = tmp_path / "model.task"
+    model.write_bytes(b"m")
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(paths[-1])
+    finder = CountingFinder(model)
+    found = hands.find_hands(paths, finder, image_io.load_rgb, tmp_path / "c.npz", progress=False, workers=2)
+    assert finder.calls == 4 and all(hand is not None for hand in found)
+    assert "searching in this process instead" in caplog.text
+
+
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     model = tmp_path / "model.task"
     model.write_bytes(b"m")
