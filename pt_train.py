@@ -139,8 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from:
         given = [f"--{name}" for name in ("arch", "weights", "img_size") if getattr(args, name) is not None]
         if given:
-            p.error(f"{', '.join(given)} come(s) from the --init_from model; leave {'them' if len(given) > 1 else 'it'} "
-                    "out to fine-tune it, or leave out --init_from to train a new model.")
+            p.error(f"{' and '.join(given)} {'come' if len(given) > 1 else 'comes'} from the --init_from model: leave "
+                    f"{'them' if len(given) > 1 else 'it'} out to fine-tune it, or leave out --init_from to train a "
+                    "new model.")
     else:
         args.arch = args.arch or "efficientnet_b0"
         args.weights = args.weights or "imagenet"

@@ -378,8 +378,8 @@ def test_a_fine_tuning_run_resumes(two_folders, base_run, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--arch", "efficientnet_lite0"], "--arch come(s) from the --init_from model"),
-    (["--img_size", "64"], "--img_size come(s) from the --init_from model"),
+    (["--arch", "efficientnet_lite0"], "--arch comes from the --init_from model"),
+    (["--img_size", "64", "--weights", "none"], "--weights and --img_size come from the --init_from model"),
 ])
 def test_fine_tuning_refuses_settings_that_belong_to_the_model(base_run, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
