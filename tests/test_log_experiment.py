@@ -454,3 +454,10 @@ def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store)
         assert torch.equal(a, b)
     image = load_rgb(ROOT.parent / "shared" / "asl" / "train" / "B" / "B1300.jpg")
     torch.testing.assert_close(logged.predict([image]), checkpoint.predict([image]), rtol=1e-5, atol=1e-6)
+
+
+def test_every_training_folder_is_in_the_dataset_tag(tmp_path):
+    folders = [str(tmp_path / "kaggle"), "data/../data/my_hand"]
+    tags = log_experiment.dataset_tags(folders, 120, 29)
+    assert tags["dataset_path"].splitlines() == [str(Path(f).resolve()) for f in folders]
+    assert (tags["dataset_images"], tags["dataset_classes"]) == ("120", "29")
