@@ -294,7 +294,11 @@ def delete_photo(collect_dir: str | os.PathLike, path: str | os.PathLike, classe
 
 
 def finetune_command(model_dir: str, collect_dir: str | os.PathLike, save_dir: str | os.PathLike) -> str:
-    """The shell command that fine-tunes `model_dir` on the collected photos into `save_dir`."""
+    """The shell command that fine-tunes `model_dir` on the collected photos into `save_dir`; a ConfigError for
+    an MLflow model, an exported graph that training cannot continue."""
+    if str(model_dir).startswith(predict.MLFLOW_URI_SCHEMES):
+        raise ConfigError(f"`{model_dir}` is a logged MLflow model, which cannot be fine-tuned: pick its training "
+                          "folder (pt_train.py's --save_dir) as the model to fine-tune it on these photos.")
     return (f"python pt_train.py --init_from {shlex.quote(str(model_dir))} "
             f"--xtrain_path {shlex.quote(str(collect_dir))} --save_dir {shlex.quote(str(save_dir))}")
 
@@ -516,7 +520,11 @@ def teach(cfg: AppConfig, source: str, classes: Sequence[str]) -> None:
     show_collection(cfg.collect_dir, letter, classes)
     save_dir = free_run_dir(cfg.runs_dir, FINETUNE_RUN)
     st.subheader("Fine-tune on them")
-    st.code(finetune_command(source, cfg.collect_dir, save_dir), language="bash", wrap_lines=True)
+    try:
+        st.code(finetune_command(source, cfg.collect_dir, save_dir), language="bash", wrap_lines=True)
+    except ConfigError as err:
+        st.info(str(err))
+        return
     st.markdown(f"After it finishes, pick `{save_dir}` in the sidebar's model picker (or "
                 f"`streamlit run app.py -- --model_dir {shlex.quote(str(save_dir))}`).")
 

@@ -241,6 +241,11 @@ def test_photo_names_never_collide_and_sort_as_frames(tmp_path):
         data_loader.frame_number(n) for n in [*names, later.name])
 
 
+def test_no_finetune_command_is_offered_for_a_logged_mlflow_model():
+    with pytest.raises(app.ConfigError, match="cannot be fine-tuned: pick its training folder"):
+        app.finetune_command("models:/asl/1", "data/my_hand", "runs/my_hand")
+
+
 def test_a_new_finetuning_never_lands_on_an_earlier_model(tmp_path):
     assert app.free_run_dir(tmp_path, "my_hand") == tmp_path / "my_hand"
     (tmp_path / "my_hand").mkdir()
