@@ -14,7 +14,8 @@ Two architectures:
   `_lite_pytorch_key_to_timm` renames them.
 
 Both get the same head, ``model.classifier = nn.Sequential(nn.Dropout(p), nn.Linear(1280, num_classes))``,
-which `head_parameters` and `set_backbone_trainable` rely on.
+which `head_parameters` and `set_backbone_trainable` rely on; `backbone_stages` lists the stages
+of either in the same order.
 """
 from __future__ import annotations
 
@@ -101,6 +102,27 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     head = {id(p) for p in head_parameters(model)}
     for p in model.parameters():
         p.requires_grad = trainable or id(p) in head
+
+
+N_STAGES = 7  # MBConv stages of both backbones, after the stem
+
+
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The stem, then the backbone's stages from the input on (timm's `blocks`, torchvision's `features[1:8]`)."""
+    if hasattr(model, "blocks"):
+        return [nn.ModuleList([model.conv_stem, model.bn1]), *model.blocks]
+    return list(model.features)[:N_STAGES + 1]
+
+
+def freeze_stages(model: nn.Module, stages: int) -> None:
+    """Keep the stem and the first `stages` stages at their current weights. They run at the highest resolutions,
+    so their backward pass is much of a training step, and what they compute (edges, colours, textures) is what
+    ImageNet already taught them. Their BatchNorm statistics still follow the new data, as in the other stages."""
+    if not 0 <= stages <= N_STAGES:
+        raise ValueError(f"stages must be between 0 and {N_STAGES}, got {stages}")
+    if stages:
+        for p in nn.ModuleList(backbone_stages(model)[:stages + 1]).parameters():
+            p.requires_grad = False
 
 
 def carry_over(net: nn.Module, state: Mapping[str, torch.Tensor], old_classes: Sequence[str],

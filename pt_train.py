@@ -50,6 +50,7 @@ HAND_EPOCHS, HAND_BATCH_SIZE, HAND_LEARNING_RATE, HAND_HIDDEN = 40, 128, 3e-3, 2
 # lower rate adapt it without undoing what it learned, and a replay of 20 images per class of its own data kept
 # the held-out accuracy of the data it was trained on within half a point (set a priori, measured once)
 FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, REPLAY_PER_CLASS = 3, 3e-4, 20
+PRETRAINED_FROZEN_STAGES = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "make it forget them; validated on up to "
                             f"{data_loader.REPLAY_VAL_PER_CLASS} of their held-out images per class; 0: none")
     model.add_argument("--freeze_backbone", action="store_true", help="train the new head only")
+    model.add_argument("--frozen_stages", type=int, default=None, choices=range(models.N_STAGES + 1),
+                       metavar=f"0..{models.N_STAGES}",
+                       help="keep the stem and the first N of the backbone's stages at their pretrained weights "
+                            f"(default: {PRETRAINED_FROZEN_STAGES} with --weights imagenet, 0 from scratch or with "
+                            "--init_from): on a 2-core CPU 3 frozen stages train Lite0 at 128 px 2.1x as fast "
+                            "(README, 'Other people's hands')")
     model.add_argument("--hands", choices=("fused", "none"), default="fused",
                        help="fused: also find the hand (MediaPipe, hands.py) and read its 21 landmarks with a small "
                             "network, averaged with the image network where a hand is found: it reads other "
@@ -145,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args.arch = args.arch or "efficientnet_b0"
         args.weights = args.weights or "imagenet"
+    if args.frozen_stages is None:
+        args.frozen_stages = PRETRAINED_FROZEN_STAGES if args.weights == "imagenet" else 0
     if args.total_epochs is None:
         args.total_epochs = FINE_TUNE_EPOCHS if args.init_from else 10
     if args.learning_rate is None:
@@ -376,6 +385,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     net = models.build_model(args.arch, len(images.classes), "none" if init else args.weights)
     if init:
         models.carry_over(net, init["model"], init["metadata"]["classes"], images.classes)
+    models.freeze_stages(net, args.frozen_stages)
     if args.freeze_backbone:
         models.set_backbone_trainable(net, False)
     params = [p for p in net.parameters() if p.requires_grad]

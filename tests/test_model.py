@@ -128,6 +128,34 @@ def test_freezing_leaves_only_the_head_trainable():
     assert all(p.requires_grad for p in net.parameters())
 
 
+@pytest.mark.parametrize("arch", model.ARCHS)
+def test_frozen_stages_keep_their_weights_and_the_rest_trains(arch):
+    torch.manual_seed(0)
+    net = model.build_model(arch, 5, weights="none")
+    stages = model.backbone_stages(net)
+    assert len(stages) == model.N_STAGES + 1
+    model.freeze_stages(net, 3)
+    frozen = {id(p) for stage in stages[:4] for p in stage.parameters()}
+    assert {id(p) for p in net.parameters() if not p.requires_grad} == frozen
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    nn.functional.cross_entropy(net(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(id(dict(net.named_parameters())[name]) not in frozen for name in changed)
+    assert any(name not in changed for name in before)  # the frozen ones
+    deeper = {id(p) for p in stages[4].parameters()}
+    assert {id(p) for p in net.parameters() if id(p) in deeper and p.grad is not None} == deeper
+
+
+def test_freezing_no_stage_or_too_many():
+    net = model.build_model("efficientnet_lite0", 5, weights="none")
+    model.freeze_stages(net, 0)
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="between 0 and 7"):
+        model.freeze_stages(net, model.N_STAGES + 1)
+
+
 def test_preprocessing_values():
     b0 = model.preprocessing("efficientnet_b0")
     assert b0 == {"arch": "efficientnet_b0", "weights": "imagenet", "resize_size": 256, "crop_size": 224,

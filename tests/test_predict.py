@@ -82,9 +82,21 @@ def test_decide_answers_only_when_sure_and_a_hand_is_there():
     assert empty.no_hand and not empty.answered  # the empty scene and "no hand" are one answer
 
 
+def test_pooling_is_the_renormalised_geometric_mean():
+    frame, hand = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.8, 0.1]])
+    expected = (frame * hand).sqrt() / (frame * hand).sqrt().sum()
+    torch.testing.assert_close(predict.pool(frame, hand), expected)
+    # a class one network rules out stays out, however sure the other is of it
+    sure_wrong, rules_out = torch.tensor([0.98, 0.01, 0.01]), torch.tensor([0.0, 0.6, 0.4])
+    pooled = predict.pool(sure_wrong, rules_out)
+    assert int(pooled.argmax()) == 1 and float(pooled[0]) < 1e-10 and not pooled.isnan().any()
+    assert int(((sure_wrong + rules_out) / 2).argmax()) == 0  # the average follows the sure one
+    torch.testing.assert_close(predict.pool(frame, frame), frame)  # agreeing models: unchanged
+
+
 @requires_shared
 @pytest.mark.slow
-def test_a_hand_aware_predictor_averages_where_it_finds_a_hand(hand_run):
+def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
     from PIL import Image
 
     import hands
@@ -100,7 +112,7 @@ def test_a_hand_aware_predictor_averages_where_it_finds_a_hand(hand_run):
     features = torch.from_numpy(hands.features(readings[0].hand))[None]
     with torch.no_grad():
         hand_probs = torch.softmax(predictor.hand_net(features) / predictor.metadata["hands"]["temperature"], 1)
-    torch.testing.assert_close(readings[0].probs, (frame[0] + hand_probs[0]) / 2)
+    torch.testing.assert_close(readings[0].probs, predict.pool(frame[0], hand_probs[0]))
     assert float(readings[0].probs.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(predictor.predict([with_hand, blank]), torch.stack([r.probs for r in readings]))
     # the ONNX backend serves the image network; the hand network is the same tiny torch module

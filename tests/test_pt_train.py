@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import image_io
+import model
 import predict
 import pt_train
 import run_artifacts
@@ -55,6 +56,13 @@ def test_pretrained_lite0_learns_the_synthetic_classes(synthetic_dir, tmp_path):
                           "--batch_size", "4", "--num_workers", "0", "--val_split", "0.25"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["val_acc"] >= 0.8  # chance is 1/3
+    # by default the stem and the first stages keep ImageNet's weights; the later ones learnt
+    trained = model.backbone_stages(predict.load_predictor(out).model)
+    imagenet = model.backbone_stages(model.build_model("efficientnet_lite0", 3, "imagenet"))
+    same = [all(torch.equal(a, b) for a, b in zip(t.parameters(), i.parameters()))
+            for t, i in zip(trained, imagenet)]
+    assert same == [True] * (pt_train.PRETRAINED_FROZEN_STAGES + 1) + [False] * (
+        model.N_STAGES - pt_train.PRETRAINED_FROZEN_STAGES)
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -97,6 +105,16 @@ def test_the_default_resolution_follows_the_weights_unless_given():
     assert pt_train.parse_args(["--weights", "none"]).img_size == pt_train.DEFAULT_IMG_SIZE_SCRATCH
     assert pt_train.DEFAULT_IMG_SIZE_PRETRAINED != pt_train.DEFAULT_IMG_SIZE_SCRATCH  # else this cannot tell
     assert pt_train.parse_args(["--weights", "none", "--img_size", "64"]).img_size == 64
+
+
+def test_pretrained_weights_keep_their_first_stages_frozen_by_default(capsys):
+    assert pt_train.parse_args([]).frozen_stages == pt_train.PRETRAINED_FROZEN_STAGES > 0
+    assert pt_train.parse_args(["--weights", "none"]).frozen_stages == 0  # nothing learnt to keep
+    assert pt_train.parse_args(["--init_from", "runs/x"]).frozen_stages == 0  # fine-tuning: measured as is
+    assert pt_train.parse_args(["--frozen_stages", "5"]).frozen_stages == 5
+    with pytest.raises(SystemExit):
+        pt_train.parse_args(["--frozen_stages", "8"])
+    assert "--frozen_stages" in capsys.readouterr().err
 
 
 def test_gpu_augment_is_on_with_gpu_and_reads_the_cache():
