@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "(README, 'Other people's hands')")
     model.add_argument("--hands", choices=("fused", "none"), default="fused",
                        help="fused: also find the hand (MediaPipe, hands.py) and read its 21 landmarks with a small "
-                            "network, averaged with the image network where a hand is found: it reads other "
+                            "network, pooled with the image network where a hand is found: it reads other "
                             "people's hands better (README, 'Other people's hands'); none: the image network alone")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
