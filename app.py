@@ -454,7 +454,7 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
     reading = predictor.read([image])[0]
     top = predictor.top_k(image, TOP_K, reading.probs)
     verdict = predict.decide(predictor.classes, reading.probs,
-                             reading.hand is not None if predictor.uses_hands else None, threshold)
+                             reading.hand is not None if predictor.uses_hands else None, threshold, reading.agreed)
     view = model_view(predictor, image)
     images, result = st.columns([3, 2], gap="large")
     with images:
@@ -496,6 +496,10 @@ def show_verdict(verdict: predict.Verdict, threshold: float) -> None:
                    "fingers in view, filling a good part of the picture, in even light.")
     elif verdict.sure:
         st.markdown(f"Prediction: **{verdict.label}**, probability **{verdict.probability:.1%}**")
+    elif verdict.disagreed:
+        st.warning(f"Not sure: the image and the hand's shape point to different letters; together the best "
+                   f"guess is **{verdict.label}** ({verdict.probability:.1%}). Try another angle: palm or the "
+                   "side of the hand towards the camera, the way the letter is usually shown.")
     else:
         st.warning(f"Not sure: the best guess, **{verdict.label}**, has probability {verdict.probability:.1%}, "
                    f"below the {threshold:.0%} threshold. Try a clearer photo: one hand, plain background.")

@@ -247,9 +247,11 @@ def find_hands(predictor: predict.Predictor, samples: list[Sample], mirror: bool
 
 
 def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                           found: list[hands.Hand | None] | None, threshold: float) -> dict:
-    """How often a hand was found and accuracy with and without one; and trust: the share of images the app
-    would answer at `threshold` (coverage), how often those answers are right, and the calibration error."""
+                           found: list[hands.Hand | None] | None, threshold: float,
+                           agreed: list[bool | None] | None = None) -> dict:
+    """How often a hand was found and accuracy with and without one, and where the model's two networks agree
+    (`agreed`, from Predictor.combine); and trust: the share of images the app would answer at `threshold`
+    (coverage), how often those answers are right, and the calibration error."""
     correct = probs.argmax(axis=1) == y_true
 
     def share(mask: np.ndarray) -> float | None:
@@ -261,8 +263,12 @@ def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         metrics["hands"] = {"found_share": float(has.mean()), "n_with_hand": int(has.sum()),
                             "n_without_hand": int((~has).sum()), "accuracy_with_hand": share(has),
                             "accuracy_without_hand": share(~has)}
+        if agreed is not None:
+            same = np.array([a is True for a in agreed])
+            metrics["hands"].update(agreed_share=float(same.sum() / max(1, has.sum())),
+                                    accuracy_agreed=share(same), accuracy_disagreed=share(has & ~same))
     verdicts = [predict.decide(classes, torch.from_numpy(row), None if found is None else found[i] is not None,
-                               threshold) for i, row in enumerate(probs)]
+                               threshold, None if agreed is None else agreed[i]) for i, row in enumerate(probs)]
     answered = np.array([v.answered for v in verdicts])
     logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
     metrics["trust"] = {"threshold": threshold, "coverage": float(answered.mean()),
@@ -586,9 +592,13 @@ def _hands_and_trust_lines(m: dict) -> list[str]:
         lines += [f"- **Hand found** in {h['found_share']:.1%} of the images ({h['n_with_hand']} of "
                   f"{h['n_with_hand'] + h['n_without_hand']}); accuracy with a hand {_fmt(h['accuracy_with_hand'])}, "
                   f"without {_fmt(h['accuracy_without_hand'])}."]
+        if "agreed_share" in h:
+            lines += [f"- **The image and the hand agree** on {h['agreed_share']:.1%} of the images with a hand: "
+                      f"accuracy {_fmt(h['accuracy_agreed'])} there, {_fmt(h['accuracy_disagreed'])} where they "
+                      "differ (the app says it is unsure there)."]
     t = m["trust"]
     lines += [f"- **At the app's threshold ({t['threshold']:.0%})** it would answer {t['coverage']:.1%} of the images "
-              f"(otherwise: unsure, or no hand) and be right on {_fmt(t['accuracy_when_answered'])} of those; "
+              f"(otherwise: unsure, the two networks differ, or no hand) and be right on {_fmt(t['accuracy_when_answered'])} of those; "
               f"expected calibration error {t['ece']:.4f}.", ""]
     return lines
 
@@ -647,11 +657,13 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
                           "as stored.")
     probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror)
     found = find_hands(predictor, scored, args.mirror, max(1, args.num_workers))
+    agreed = None
     if found is not None:
-        probs = predictor.combine(torch.from_numpy(probs), found).numpy()
+        pooled, agreed = predictor.combine(torch.from_numpy(probs), found)
+        probs = pooled.numpy()
     y_true = np.array([label for _, label in scored])
     scores = compute_metrics(y_true, probs, predictor.classes)
-    scores.metrics.update(hand_and_trust_metrics(y_true, probs, predictor.classes, found, args.threshold))
+    scores.metrics.update(hand_and_trust_metrics(y_true, probs, predictor.classes, found, args.threshold, agreed))
     if scores.metrics["classes_absent"]:
         data.notes.append(f"Model classes absent from the data: {', '.join(scores.metrics['classes_absent'])}. "
                           "Per-class and macro scores cover the classes present; predicting an absent class still "
@@ -678,7 +690,9 @@ def _print_summary(ev: Evaluation, out_dir: str) -> None:
     if "hands" in m:
         h = m["hands"]
         print(f"hand found in {h['found_share']:.1%} | accuracy with a hand {_fmt(h['accuracy_with_hand'])}, "
-              f"without {_fmt(h['accuracy_without_hand'])}")
+              f"without {_fmt(h['accuracy_without_hand'])}"
+              + (f" | the networks agree on {h['agreed_share']:.1%} of those: accuracy {_fmt(h['accuracy_agreed'])}"
+                 f", else {_fmt(h['accuracy_disagreed'])}" if "agreed_share" in h else ""))
     t = m["trust"]
     print(f"at threshold {t['threshold']:.2f} the app answers {t['coverage']:.1%}, right on "
           f"{_fmt(t['accuracy_when_answered'])} | ECE {t['ece']:.4f}")

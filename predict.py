@@ -10,7 +10,9 @@ engine nor the tracker (tests/test_predict.py checks it); log_experiment.py impo
 
 A hand-aware model (`pt_train.py --hands fused`, the default) also finds the hand with MediaPipe (hands.py) and
 reads its landmarks with a small network; where a hand is found, the answer pools that network's and the image
-network's probabilities (`pool`: their geometric mean), elsewhere it is the image network's alone. `Predictor.read` returns the
+network's probabilities (`pool`: their geometric mean), elsewhere it is the image network's alone. Where the two
+networks name different letters, the app says it is unsure whatever the probability (`decide`): on another
+person's photos that disagreement marks most of the wrong answers, which no threshold on the probability did. `Predictor.read` returns the
 hand with the probabilities, for the app to draw and to say when there is none.
 
 `load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
@@ -105,21 +107,25 @@ def hand_net_from_checkpoint(ckpt: dict) -> nn.Module | None:
 
 @dataclass(frozen=True)
 class Reading:
-    """What the model made of one image: class probabilities, and the hand it found (None: no hand found, or a
-    model that does not look for one)."""
+    """What the model made of one image: class probabilities, the hand it found (None: no hand found, or a
+    model that does not look for one), and where one was found whether the image network and the hand network
+    name the same class."""
     probs: torch.Tensor
     hand: hands.Hand | None
+    agreed: bool | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What the app answers for one image: the most likely class and its probability; `sure` when that
-    reaches the threshold; `no_hand` when no hand was found or the most likely class is the empty scene (the
-    two mean the same to a user, so they get the same answer)."""
+    reaches the threshold and the two networks of a hand-aware model agree (`disagreed` when they do not);
+    `no_hand` when no hand was found or the most likely class is the empty scene (the two mean the same to a
+    user, so they get the same answer)."""
     label: str
     probability: float
     sure: bool
     no_hand: bool = False
+    disagreed: bool = False
 
     @property
     def answered(self) -> bool:
@@ -128,13 +134,13 @@ class Verdict:
 
 
 def decide(classes: Sequence[str], probs: torch.Tensor, hand_found: bool | None,
-           threshold: float = DEFAULT_THRESHOLD) -> Verdict:
+           threshold: float = DEFAULT_THRESHOLD, agreed: bool | None = None) -> Verdict:
     """The app's answer for one image's probabilities; `hand_found` None for a model that does not look for
-    hands."""
+    hands; `agreed` False where its two networks name different classes (`Reading.agreed`)."""
     probability, index = probs.max(dim=0)
     label = classes[int(index)]
-    return Verdict(label, float(probability), float(probability) >= threshold,
-                   hand_found is False or label == NO_SIGN)
+    return Verdict(label, float(probability), float(probability) >= threshold and agreed is not False,
+                   hand_found is False or label == NO_SIGN, agreed is False)
 
 
 def pool(*probs: torch.Tensor) -> torch.Tensor:
@@ -178,22 +184,28 @@ class Predictor:
         return [self.finder.find(im) if self.uses_hands else None for im in images]
 
     @torch.no_grad()
-    def combine(self, frame_probs: torch.Tensor, found: Sequence[hands.Hand | None]) -> torch.Tensor:
-        """The image network's probabilities pooled with the hand network's where a hand was found."""
+    def combine(self, frame_probs: torch.Tensor, found: Sequence[hands.Hand | None]
+                ) -> tuple[torch.Tensor, list[bool | None]]:
+        """The image network's probabilities pooled with the hand network's where a hand was found, and there
+        whether the two networks' most likely classes agree (None where no hand was found)."""
+        agreed: list[bool | None] = [None] * len(found)
         rows = [i for i, hand in enumerate(found) if hand is not None]
         if not self.uses_hands or not rows:
-            return frame_probs
+            return frame_probs, agreed
         features = torch.stack([torch.from_numpy(hands.features(found[i])) for i in rows]).to(self.device)
         logits = self.hand_net(features).float() / self.metadata["hands"].get("temperature", 1.0)
+        hand_probs = torch.softmax(logits, dim=1).cpu()
         probs = frame_probs.clone()
-        probs[rows] = pool(frame_probs[rows], torch.softmax(logits, dim=1).cpu())
-        return probs
+        probs[rows] = pool(frame_probs[rows], hand_probs)
+        for i, same in zip(rows, (frame_probs[rows].argmax(1) == hand_probs.argmax(1)).tolist()):
+            agreed[i] = same
+        return probs, agreed
 
     def read(self, images: Sequence[Image.Image]) -> list[Reading]:
         """Probabilities and the hand found, one Reading per image."""
         found = self.find_hands(images)
-        probs = self.combine(self.predict_batch(torch.stack([self.preprocess(im) for im in images])), found)
-        return [Reading(p, hand) for p, hand in zip(probs, found)]
+        probs, agreed = self.combine(self.predict_batch(torch.stack([self.preprocess(im) for im in images])), found)
+        return [Reading(p, hand, same) for p, hand, same in zip(probs, found, agreed)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's input for one RGB image (resized, cropped, normalised)."""

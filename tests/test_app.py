@@ -433,6 +433,20 @@ def test_below_the_threshold_it_says_it_is_unsure(page, predictor, synthetic_dir
     assert not any(PREDICTION.search(md.value) for md in at.markdown)
 
 
+def _verdict_page(verdict) -> None:  # AppTest runs the source alone: no annotations from this module
+    import app
+    app.show_verdict(verdict, 0.5)
+
+
+def test_when_the_image_and_the_hand_disagree_it_says_so_instead_of_answering():
+    disagreed = predict.decide(["A", "B"], torch.tensor([0.1, 0.9]), True, 0.5, agreed=False)
+    assert disagreed.disagreed and not disagreed.answered  # 90%, yet no answer
+    at = AppTest.from_function(_verdict_page, args=(disagreed,)).run()
+    assert not at.exception
+    assert at.warning[0].value.startswith("Not sure: the image and the hand's shape point to different letters")
+    assert "**B** (90.0%)" in at.warning[0].value and not any(PREDICTION.search(md.value) for md in at.markdown)
+
+
 def test_the_mirror_toggle_predicts_the_mirrored_image(page, predictor, synthetic_dir):
     source = Image.open(synthetic_dir / "C" / "C2.jpg").convert("RGB")
     at = page()

@@ -396,6 +396,12 @@ def test_hand_and_trust_metrics_count_what_the_app_would_answer():
     assert m["trust"]["ece"] > 0
     # a model that does not look for hands answers whenever it is sure
     assert evaluate.hand_and_trust_metrics(y_true, probs, classes, None, 0.5)["trust"]["coverage"] == 0.75
+    # where its two networks name different classes the app does not answer, however sure
+    m = evaluate.hand_and_trust_metrics(y_true, probs, classes, [hand, hand, hand, None], 0.5,
+                                        [True, False, True, None])
+    assert m["hands"]["agreed_share"] == pytest.approx(2 / 3)
+    assert m["hands"]["accuracy_agreed"] == 1.0 and m["hands"]["accuracy_disagreed"] == 0.0
+    assert m["trust"]["coverage"] == 0.25 and m["trust"]["accuracy_when_answered"] == 1.0
 
 
 @pytest.mark.slow

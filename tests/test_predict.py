@@ -80,6 +80,9 @@ def test_decide_answers_only_when_sure_and_a_hand_is_there():
     assert no_hand.no_hand and not no_hand.answered  # no hand found: no letter, however sure
     empty = predict.decide(classes, torch.tensor([0.1, 0.1, 0.8]), None, 0.5)
     assert empty.no_hand and not empty.answered  # the empty scene and "no hand" are one answer
+    assert predict.decide(classes, sure_a, True, 0.5, agreed=True).answered
+    differ = predict.decide(classes, sure_a, True, 0.5, agreed=False)  # the two networks name other classes
+    assert differ.disagreed and not differ.sure and not differ.answered and differ.label == "A"
 
 
 def test_pooling_is_the_renormalised_geometric_mean():
@@ -113,6 +116,7 @@ def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
     with torch.no_grad():
         hand_probs = torch.softmax(predictor.hand_net(features) / predictor.metadata["hands"]["temperature"], 1)
     torch.testing.assert_close(readings[0].probs, predict.pool(frame[0], hand_probs[0]))
+    assert readings[0].agreed == (int(frame[0].argmax()) == int(hand_probs[0].argmax())) and readings[1].agreed is None
     assert float(readings[0].probs.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(predictor.predict([with_hand, blank]), torch.stack([r.probs for r in readings]))
     # the ONNX backend serves the image network; the hand network is the same tiny torch module
