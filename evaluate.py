@@ -598,8 +598,8 @@ def _hands_and_trust_lines(m: dict) -> list[str]:
                       "differ (the app says it is unsure there)."]
     t = m["trust"]
     lines += [f"- **At the app's threshold ({t['threshold']:.0%})** it would answer {t['coverage']:.1%} of the images "
-              f"(otherwise: unsure, the two networks differ, or no hand) and be right on {_fmt(t['accuracy_when_answered'])} of those; "
-              f"expected calibration error {t['ece']:.4f}.", ""]
+              f"(otherwise: unsure, the two networks differ, or no hand) and be right on "
+              f"{_fmt(t['accuracy_when_answered'])} of those; expected calibration error {t['ece']:.4f}.", ""]
     return lines
 
 

@@ -12,8 +12,8 @@ A hand-aware model (`pt_train.py --hands fused`, the default) also finds the han
 reads its landmarks with a small network; where a hand is found, the answer pools that network's and the image
 network's probabilities (`pool`: their geometric mean), elsewhere it is the image network's alone. Where the two
 networks name different letters, the app says it is unsure whatever the probability (`decide`): on another
-person's photos that disagreement marks most of the wrong answers, which no threshold on the probability did. `Predictor.read` returns the
-hand with the probabilities, for the app to draw and to say when there is none.
+person's photos that disagreement marks most of the wrong answers (README, "Other people's hands").
+`Predictor.read` returns the hand with the probabilities, for the app to draw and to say when there is none.
 
 `load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
 same predictions (tests/test_fast_paths.py) at a fraction of the single-image latency on the CPU (bench.py).
