@@ -353,6 +353,11 @@ def load_logged_model(uri: str) -> tuple[nn.Module, dict, nn.Module | None]:
     metadata = dict(metadata)
     hand_net = None
     if hand_file is not None:
-        hand_net = hand_net_from_checkpoint({"metadata": metadata,
-                                             "hand_net": run_artifacts.load_checkpoint(hand_file)})
+        try:
+            hand_net = hand_net_from_checkpoint({"metadata": metadata,
+                                                 "hand_net": run_artifacts.load_checkpoint(hand_file)})
+        except (ModelLoadError, pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ModelLoadError(f"'{uri}' cannot be loaded: its {HAND_NET_ARTIFACT} artifact is not the landmark "
+                                 f"network its metadata describes ({err}). Log the model again with "
+                                 "log_experiment.py.") from None
     return ExportedModel(graph), metadata, hand_net

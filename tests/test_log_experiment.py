@@ -444,7 +444,7 @@ def test_dagshub_rejecting_the_token_is_explained(dagshub_requests, monkeypatch)
 
 
 @pytest.mark.slow
-def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store):
+def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store, monkeypatch):
     mlflow.set_tracking_uri(store)
     run_id = log_experiment.log_training_folder(hand_run, run_name="hands")
     logged = predict.load_predictor(f"runs:/{run_id}/model")
@@ -454,6 +454,10 @@ def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store)
         assert torch.equal(a, b)
     image = load_rgb(ROOT.parent / "shared" / "asl" / "train" / "B" / "B1300.jpg")
     torch.testing.assert_close(logged.predict([image]), checkpoint.predict([image]), rtol=1e-5, atol=1e-6)
+    # a landmark network that does not fit its metadata: named with the URI it came from
+    monkeypatch.setattr(predict.run_artifacts, "load_checkpoint", lambda path: {"0.weight": torch.zeros(1)})
+    with pytest.raises(predict.ModelLoadError, match=f"runs:/{run_id}/model.*{predict.HAND_NET_ARTIFACT}"):
+        predict.load_predictor(f"runs:/{run_id}/model")
 
 
 def test_every_training_folder_is_in_the_dataset_tag(tmp_path):
