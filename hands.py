@@ -14,7 +14,9 @@ requirement) runs it through the Tasks API; the legacy `mediapipe.solutions.hand
 our other requirements rule out.
 
 `find_hands` caches what it finds per image file (path, size and modification time, and the bundle's hash), so
-a second training run or evaluation of the same folder does not run the detector again.
+a second training run or evaluation of the same folder does not run the detector again; a file lock beside each
+cache makes searches of one folder at the same time (the ranks of a torchrun job) take turns, so only the first
+searches.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import logging
 import os
 import subprocess
 import sys
+import contextlib
 import tempfile
 import threading
 import urllib.request
@@ -35,6 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 import run_artifacts
@@ -284,13 +288,19 @@ def find_hands(paths: list[str], finder: HandFinder, load: Callable[[str], Image
     keys = {path: _file_key(path) for path in paths}
     where = {path: cache_path or cache_file([path]) for path in paths}
     model_hash = _sha256(finder.model_path)
-    caches = {folder: _load_cache(folder, model_hash) for folder in set(where.values())}
-    todo = [path for path in dict.fromkeys(paths) if keys[path] not in caches[where[path]]]
-    if todo:
-        for path, hand in zip(todo, _search(todo, finder, load, workers, progress)):
-            caches[where[path]][keys[path]] = hand
-        for folder in {where[path] for path in todo}:
-            _save_cache(folder, model_hash, caches[folder])
+    with contextlib.ExitStack() as locks:
+        # processes that search the same folder at once (the ranks of a torchrun job, two runs) take turns: the
+        # first searches, the others then find it all in the cache. In sorted order, so two never wait on each other.
+        for folder in sorted(set(where.values())):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(FileLock(folder.with_suffix(".lock")))
+        caches = {folder: _load_cache(folder, model_hash) for folder in set(where.values())}
+        todo = [path for path in dict.fromkeys(paths) if keys[path] not in caches[where[path]]]
+        if todo:
+            for path, hand in zip(todo, _search(todo, finder, load, workers, progress)):
+                caches[where[path]][keys[path]] = hand
+            for folder in {where[path] for path in todo}:
+                _save_cache(folder, model_hash, caches[folder])
     return [caches[where[path]][keys[path]] for path in paths]
 
 

@@ -1,8 +1,10 @@
 """hands.py: finding the hand with MediaPipe, its per-image cache, features, and clear failures."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,28 @@ def test_each_dataset_folder_keeps_its_own_cache(tmp_path, monkeypatch):
     both = hands.find_hands(folders["mine"] + folders["kaggle"], finder, image_io.load_rgb, progress=False)
     assert finder.calls == 6 and all(hand is not None for hand in both)
     assert len(list((tmp_path / "cache").rglob("found-*.npz"))) == 2
+
+
+def test_searches_of_one_folder_at_once_take_turns_and_search_each_image_once(tmp_path):
+    """The ranks of a torchrun job each prepare the same data: the first searches, the others read its cache."""
+    model = tmp_path / "model.task"
+    model.write_bytes(b"m")
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(paths[-1])
+
+    class SlowFinder(CountingFinder):
+        def find(self, image):
+            time.sleep(0.05)  # long enough for both searches to overlap if nothing kept them apart
+            return super().find(image)
+
+    finders = [SlowFinder(model) for _ in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda f: hands.find_hands(paths, f, image_io.load_rgb, tmp_path / "c.npz",
+                                                           progress=False), finders))
+    assert sum(f.calls for f in finders) == len(paths)
+    assert all(h is not None for result in results for h in result)
 
 
 @needs_real
