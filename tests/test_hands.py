@@ -166,14 +166,19 @@ def test_each_dataset_folder_keeps_its_own_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").rglob("found-*.npz"))) == 2
 
 
-def test_searches_of_one_folder_at_once_take_turns_and_search_each_image_once(tmp_path):
-    """The ranks of a torchrun job each prepare the same data: the first searches, the others read its cache."""
+def _model_and_red_images(tmp_path: Path, n: int = 4) -> tuple[Path, list[str]]:
+    """A stand-in model file, and `n` images in which CountingFinder finds a hand."""
     model = tmp_path / "model.task"
     model.write_bytes(b"m")
-    paths = []
-    for i in range(4):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", (8, 8), (255, 0, 0)).save(paths[-1])
+    paths = [str(tmp_path / f"{i}.png") for i in range(n)]
+    for path in paths:
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    return model, paths
+
+
+def test_searches_of_one_folder_at_once_take_turns_and_search_each_image_once(tmp_path):
+    """The ranks of a torchrun job each prepare the same data: the first searches, the others read its cache."""
+    model, paths = _model_and_red_images(tmp_path)
 
     class SlowFinder(CountingFinder):
         def find(self, image):
@@ -218,12 +223,7 @@ def test_a_failed_pool_of_search_processes_falls_back_to_this_process(tmp_path, 
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BrokenPool)
     monkeypatch.setattr(hands, "PARALLEL_MIN_IMAGES", 1)
-    model = tmp_path / "model.task"
-    model.write_bytes(b"m")
-    paths = []
-    for i in range(4):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", (8, 8), (255, 0, 0)).save(paths[-1])
+    model, paths = _model_and_red_images(tmp_path)
     finder = CountingFinder(model)
     found = hands.find_hands(paths, finder, image_io.load_rgb, tmp_path / "c.npz", progress=False, workers=2)
     assert finder.calls == 4 and all(hand is not None for hand in found)
