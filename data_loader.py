@@ -328,21 +328,35 @@ class ImageDataset(Dataset):
 
 
 class HandDataset(Dataset):
-    """The hands found in training or validation images as feature vectors (`hands.features`) and labels; with
-    `augment`, each hand is varied anew every time it is drawn (`hands.augment`)."""
+    """The hands found in training or validation images as feature vectors (`hands.features`) and labels.
+
+    With `augment` it is indexed as training loaders index (index, seed) pairs (`SeededSampler`), and the loader
+    fetches a whole batch at once (`__getitems__`): varying thousands of hands one by one in Python took most of
+    a landmark-network epoch. Each batch draws from one generator seeded by its first image's seed, so a resumed
+    run varies the hands as an uninterrupted one did.
+    """
+
+    takes_seeds = True  # make_loader gives it (index, seed) keys as they are, not through SeededDataset
 
     def __init__(self, found: list[hands.Hand], labels: list[int], augment: bool):
-        self.found, self.labels, self.augment = found, labels, augment
+        self.features = torch.from_numpy(np.stack([hands.features(hand) for hand in found])
+                                         if found else np.empty((0, hands.N_FEATURES), np.float32))
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.found)
+        return len(self.labels)
 
-    def __getitem__(self, index: int):
-        hand = self.found[index]
-        if self.augment:
-            # torch's RNG: the training loader seeds it per image and epoch (SeededDataset)
-            hand = hands.augment(hand, np.random.default_rng(torch.randint(2**31, ()).item()))
-        return torch.from_numpy(hands.features(hand)), self.labels[index]
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.augment:
+            index = torch.as_tensor(keys, dtype=torch.long)
+            return list(zip(self.features[index], self.labels[index]))
+        index = torch.as_tensor([i for i, _ in keys], dtype=torch.long)
+        rng = np.random.default_rng(keys[0][1])
+        return list(zip(torch.from_numpy(hands.augment(self.features[index].numpy(), rng)), self.labels[index]))
 
 
 class ShardSampler(Sampler[int]):
@@ -428,7 +442,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0
     if train:
         sampler = SeededSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                    seed=seed), seed, rank)
-        dataset = SeededDataset(dataset)
+        dataset = dataset if getattr(dataset, "takes_seeds", False) else SeededDataset(dataset)
     else:
         sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
     # the loader draws its workers' base seeds from this generator: without one it would draw from the global

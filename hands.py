@@ -368,17 +368,18 @@ def features(hand: Hand) -> np.ndarray:
 N_FEATURES = 2 * N_LANDMARKS * 3
 
 
-def augment(hand: Hand, rng: np.random.Generator, max_degrees: float = 15.0, noise: float = 0.01) -> Hand:
-    """A plausible variation of a training hand: maybe its mirror image under the same handedness label (MediaPipe
-    confuses left and right hands, and some signers use either), a small roll of the camera, jittered points."""
-    if rng.random() < 0.5:
-        hand = dataclasses.replace(hand.mirrored(), handedness=hand.handedness)
-    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]],
-                        dtype=np.float32)
-    wrist = hand.landmarks[0]
-    landmarks = (hand.landmarks - wrist) @ rotation.T + wrist
-    world = hand.world @ rotation.T
-    scale = float(np.linalg.norm(hand.landmarks[9, :2] - wrist[:2])) or 1.0
-    landmarks = landmarks + rng.normal(0, noise * scale, landmarks.shape)
-    return dataclasses.replace(hand, landmarks=landmarks.astype(np.float32), world=world.astype(np.float32))
+def augment(batch: np.ndarray, rng: np.random.Generator, max_degrees: float = 15.0, noise: float = 0.01
+            ) -> np.ndarray:
+    """Plausible variations of training hands, given as `features` rows (n, N_FEATURES), all drawn at once: maybe
+    each hand's mirror image (MediaPipe confuses left and right hands, and some signers use either), a small roll
+    of the camera, and the image landmarks jittered by `noise` hand sizes, then centred and scaled again."""
+    n = len(batch)
+    points = batch.reshape(n, 2, N_LANDMARKS, 3).astype(np.float32)  # (image, world) parts, as `features` makes them
+    points[..., 0] *= np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, n)).astype(np.float32)[:, None, None]
+    x, y = points[..., 0].copy(), points[..., 1].copy()
+    points[..., 0], points[..., 1] = np.cos(angle) * x - np.sin(angle) * y, np.sin(angle) * x + np.cos(angle) * y
+    image = points[:, 0] + rng.normal(0, noise, (n, N_LANDMARKS, 3)).astype(np.float32)
+    image -= image[:, :1]
+    points[:, 0] = image / np.maximum(np.linalg.norm(image[:, 9, :2], axis=-1), 1e-6)[:, None, None]
+    return points.reshape(n, N_FEATURES)

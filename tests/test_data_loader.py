@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.models import EfficientNet_B0_Weights
 
 import data_loader as dl
+import hands
 import image_io
 from conftest import SHARED_ASL, make_image_folder, requires_shared
 
@@ -186,6 +187,36 @@ def test_single_process_training_order_depends_only_on_seed_and_epoch(synthetic_
     assert orders[0] == orders[1]
     assert [i for i, _ in orders[0]] != list(range(len(images.samples)))
     assert len({seed for _, seed in orders[0]}) == len(images.samples)  # every image its own augmentation seed
+
+
+def _hands(n: int) -> list[hands.Hand]:
+    rng = np.random.default_rng(0)
+    return [hands.Hand(rng.uniform(0.3, 0.7, (21, 3)).astype(np.float32), rng.normal(0, 0.05, (21, 3)).astype(np.float32),
+                       ("Left", "Right")[i % 2], 0.9) for i in range(n)]
+
+
+def test_hand_batches_are_varied_at_once_and_the_same_again_for_the_same_epoch():
+    found, labels = _hands(10), list(range(10))  # a class per hand: a batch says which hands it drew
+    plain = dl.HandDataset(found, labels, augment=False)
+    features, targets = next(iter(dl.make_loader(plain, 10, train=False, num_workers=0)))
+    assert torch.equal(features, torch.from_numpy(np.stack([hands.features(h) for h in found])))
+    assert targets.tolist() == labels
+
+    def epoch(number: int, workers: int) -> list[torch.Tensor]:
+        loader = dl.make_loader(dl.HandDataset(found, labels, augment=True), 4, train=True, num_workers=workers,
+                                seed=1)
+        loader.sampler.set_epoch(number)
+        return [x for batch in loader for x in batch]
+
+    first = epoch(2, 0)
+    assert len(first) == 4 and first[0].shape == (4, hands.N_FEATURES)  # 2 batches of 4 (the rest dropped)
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(2, 2)))  # as a resumed run, with workers or not
+    assert not torch.equal(first[0], epoch(3, 0)[0])  # another epoch, other variations
+    # varied, not replaced: each row is still near one of the training hands or its mirror image
+    rows = torch.from_numpy(np.stack([hands.features(h) for h in found]))
+    mirrors = rows.reshape(10, 2, 21, 3) * torch.tensor([-1.0, 1.0, 1.0])
+    nearest = torch.cdist(first[0], torch.cat([rows, mirrors.reshape(10, -1)])).argmin(1) % 10
+    assert nearest.tolist() == first[1].tolist()
 
 
 @requires_shared

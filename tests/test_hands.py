@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import sys
 import time
@@ -94,14 +95,23 @@ def test_features_ignore_position_size_and_which_hand():
     assert np.abs(hands.features(_hand(seed=1)) - hands.features(hand)).max() > 0.1
 
 
-def test_augment_varies_the_hand_but_keeps_its_label():
+def test_augment_varies_hands_as_a_camera_would():
     hand = _hand("Right")
     rng = np.random.default_rng(0)
-    varied = [hands.augment(hand, rng) for _ in range(20)]
-    assert all(v.handedness == "Right" for v in varied)
-    assert len({hands.features(v).round(3).tobytes() for v in varied}) == 20
-    size = np.linalg.norm(hand.landmarks[9, :2] - hand.landmarks[0, :2])
-    assert all(abs(np.linalg.norm(v.landmarks[9, :2] - v.landmarks[0, :2]) / size - 1) < 0.15 for v in varied)
+    row = hands.features(hand)
+    varied = hands.augment(np.stack([row] * 200), rng)
+    assert varied.shape == (200, hands.N_FEATURES) and varied.dtype == np.float32
+    assert len({v.round(3).tobytes() for v in varied}) == 200
+    image = varied.reshape(200, 2, hands.N_LANDMARKS, 3)[:, 0]
+    # still centred on the wrist at the size of one, and no further from the hand than a jitter and a roll
+    np.testing.assert_allclose(image[:, 0], 0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(image[:, 9, :2], axis=-1), 1, atol=1e-5)
+    # about half of them are the mirror image: the hand of the other side, which no roll of 15 degrees makes
+    mirror = hands.features(dataclasses.replace(hand.mirrored(), handedness="Right"))
+    closer_to_mirror = (np.abs(varied - mirror).mean(1) < np.abs(varied - row).mean(1)).mean()
+    assert 0.35 < closer_to_mirror < 0.65
+    nearest = np.minimum(np.abs(varied - row).max(1), np.abs(varied - mirror).max(1))
+    assert nearest.max() < 0.8
 
 
 # ---------------------------------------------------------------------------------------------- per-image cache
