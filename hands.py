@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -285,6 +286,11 @@ def find_hands(paths: list[str], finder: HandFinder, load: Callable[[str], Image
     `load` opens a file as RGB (the project's image policy); files it cannot read count as "no hand". With
     `workers` > 1, a long search runs in that many processes, each with its own HandFinder.
     """
+    # a search process starts by running the caller's script again; if that script searches at its top level,
+    # the copy would wait forever for the lock its parent holds. multiprocessing's own check, made here first
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UsageError("A hand search process started the caller's script again, which searches for hands at "
+                         "its top level; put the script's top level under: if __name__ == '__main__':")
     keys = {path: _file_key(path) for path in paths}
     where = {path: cache_path or cache_file([path]) for path in paths}
     model_hash = _sha256(finder.model_path)
@@ -327,7 +333,6 @@ def _search(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Im
                 tqdm(paths, desc="finding hands", disable=not progress, mininterval=5, leave=False)]
     import concurrent.futures
     import functools
-    import multiprocessing
 
     # spawn, not fork: this process already runs MediaPipe's threads, which a fork would copy mid-flight
     chunks = [paths[i::workers] for i in range(workers)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -238,6 +239,35 @@ def test_a_failed_pool_of_search_processes_falls_back_to_this_process(tmp_path, 
     found = hands.find_hands(paths, finder, image_io.load_rgb, tmp_path / "c.npz", progress=False, workers=2)
     assert finder.calls == 4 and all(hand is not None for hand in found)
     assert "searching in this process instead" in caplog.text
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+import hands, image_io
+hands.PARALLEL_MIN_IMAGES = 1
+folder = Path(sys.argv[1])
+
+class Finder:
+    model_path = folder / "model.task"
+    def find(self, image):
+        return None
+
+paths = sorted(str(p) for p in folder.glob("*.png"))
+print("found", len(hands.find_hands(paths, Finder(), image_io.load_rgb, folder / "c.npz", progress=False, workers=2)))
+"""
+
+
+def test_a_script_that_searches_at_its_top_level_is_told_instead_of_hanging(tmp_path):
+    # each search process runs the script again, which would wait forever for its parent's cache lock
+    _, paths = _model_and_red_images(tmp_path)
+    script = tmp_path / "search.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(hands.__file__).parent))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == f"found {len(paths)}", result.stderr[-2000:]
+    assert "put the script's top level under: if __name__ == '__main__':" in result.stderr
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path):
