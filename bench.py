@@ -54,6 +54,7 @@ import run_artifacts
 Run = Callable[[], int]  # one timed repetition; returns how many images it handled
 Variants = dict[str, Callable[[], Run]]  # name -> builds that variant (models, loaders, caches) and its Run
 BASELINE, OURS = "baseline", "ours"
+LATENCY_PAUSE_S = 0.1
 PROBE_TIMEOUT_S = 1800  # one variant's run in a fresh process; far more than any takes
 
 
@@ -107,8 +108,10 @@ def median_rate(times: list[float], counts: list[int]) -> float:
     return statistics.median(n / t for n, t in zip(counts, times, strict=True))
 
 
-def interleaved(variants: dict[str, Run], reps: int, warmup: int = 1) -> dict[str, tuple[list[float], list[int]]]:
-    """Run each variant `warmup` times, then `reps` timed times, alternating which goes first."""
+def interleaved(variants: dict[str, Run], reps: int, warmup: int = 1, pause: float = 0.0
+                ) -> dict[str, tuple[list[float], list[int]]]:
+    """Run each variant `warmup` times, then `reps` timed times, alternating which goes first; `pause` seconds
+    before each timed run, untimed."""
     for _ in range(warmup):
         for run in variants.values():
             run()
@@ -116,6 +119,7 @@ def interleaved(variants: dict[str, Run], reps: int, warmup: int = 1) -> dict[st
     for rep in range(reps):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
+            time.sleep(pause)
             start = clock()
             count = variants[name]()
             results[name][0].append(clock() - start)
@@ -432,7 +436,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     found[OURS] = load_predictor(checkpoint, OURS)
     export_s = time.perf_counter() - start
     image = image_io.load_rgb(samples[0][0])
-    res = interleaved({v: latency_run(p, image) for v, p in found.items()}, args.latency_reps, warmup=2)
+    # a pause before each, as the app reads a photo now and then: back to back, the threads one variant leaves
+    # spinning would be timed in the other's figure
+    res = interleaved({v: latency_run(p, image) for v, p in found.items()}, args.latency_reps, warmup=2,
+                      pause=LATENCY_PAUSE_S)
     for q, name in ((50, "p50"), (95, "p95")):
         base, ours = (float(np.percentile(res[v][0], q)) * 1e3 for v in (BASELINE, OURS))
         figures[f"latency_{name}_ms"] = figure("ms, one image", base, ours, "lower")

@@ -44,7 +44,7 @@ EXIT_USAGE = 2
 # Lite0 reached 99.9% held-out accuracy at 128 px; from scratch 96 px beat 64 px in the same time.
 DEFAULT_IMG_SIZE_PRETRAINED = 128
 DEFAULT_IMG_SIZE_SCRATCH = 96
-# The landmark network (README, "Other people's hands"): a few seconds an epoch on 2 CPU cores for 7,000 hands
+# The landmark network (README, "Other people's hands"): under half a second an epoch on 2 CPU cores for 7,000 hands
 HAND_EPOCHS, HAND_BATCH_SIZE, HAND_LEARNING_RATE, HAND_HIDDEN = 40, 128, 3e-3, 256
 # Fine-tuning a trained model on a user's photos (--init_from; README, "Teach it your hand"): a few epochs at a
 # lower rate adapt it without undoing what it learned, and a replay of 20 images per class of its own data kept

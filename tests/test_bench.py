@@ -45,6 +45,16 @@ def test_peak_memory_measures_a_block_shorter_than_its_sampling_interval():
     assert peak.peak_mb > 10  # this process alone holds torch: tens of MB at least
 
 
+def test_the_pause_before_each_latency_run_is_not_timed():
+    import bench
+
+    calls = []
+    res = bench.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 1}, reps=2,
+                            warmup=1, pause=0.2)
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then which goes first alternates
+    assert all(t < 0.2 for times, _ in res.values() for t in times)
+
+
 @pytest.mark.timeout(300)
 def test_a_crashed_memory_probe_is_a_clear_error_not_a_hang():
     import argparse

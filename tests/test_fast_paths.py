@@ -225,3 +225,9 @@ def test_onnx_backend_refuses_what_it_cannot_serve(run_copy):
         predict.load_predictor(run_copy, backend="tensorrt")
     with pytest.raises(predict.ModelLoadError, match="CPU"):
         predict.load_predictor(run_copy, device="cuda", backend="onnx")
+
+
+def test_onnx_threads_do_not_spin_between_reads(onnx_and_torch):
+    # the app reads a photo now and then, just after MediaPipe's search, where spinning threads cost it time
+    options = onnx_and_torch[0].model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
