@@ -191,8 +191,9 @@ def test_single_process_training_order_depends_only_on_seed_and_epoch(synthetic_
 
 def _hands(n: int) -> list[hands.Hand]:
     rng = np.random.default_rng(0)
-    return [hands.Hand(rng.uniform(0.3, 0.7, (21, 3)).astype(np.float32), rng.normal(0, 0.05, (21, 3)).astype(np.float32),
-                       ("Left", "Right")[i % 2], 0.9) for i in range(n)]
+    return [hands.Hand(rng.uniform(0.3, 0.7, (21, 3)).astype(np.float32),
+                       rng.normal(0, 0.05, (21, 3)).astype(np.float32), ("Left", "Right")[i % 2], 0.9)
+            for i in range(n)]
 
 
 def test_hand_batches_are_varied_at_once_and_the_same_again_for_the_same_epoch():
