@@ -336,13 +336,16 @@ class HandDataset(Dataset):
     run varies the hands as an uninterrupted one did.
     """
 
-    takes_seeds = True  # make_loader gives it (index, seed) keys as they are, not through SeededDataset
-
     def __init__(self, found: list[hands.Hand], labels: list[int], augment: bool):
         self.features = torch.from_numpy(np.stack([hands.features(hand) for hand in found])
                                          if found else np.empty((0, hands.N_FEATURES), np.float32))
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.augment = augment
+
+    @property
+    def takes_seeds(self) -> bool:
+        """Whether make_loader hands it (index, seed) keys as they are, not through SeededDataset."""
+        return self.augment
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -202,6 +202,8 @@ def test_hand_batches_are_varied_at_once_and_the_same_again_for_the_same_epoch()
     features, targets = next(iter(dl.make_loader(plain, 10, train=False, num_workers=0)))
     assert torch.equal(features, torch.from_numpy(np.stack([hands.features(h) for h in found])))
     assert targets.tolist() == labels
+    features, targets = next(iter(dl.make_loader(plain, 10, train=True, num_workers=0)))  # shuffled, not varied
+    assert torch.equal(features, torch.from_numpy(np.stack([hands.features(found[i]) for i in targets.tolist()])))
 
     def epoch(number: int, workers: int) -> list[torch.Tensor]:
         loader = dl.make_loader(dl.HandDataset(found, labels, augment=True), 4, train=True, num_workers=workers,
