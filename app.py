@@ -156,11 +156,16 @@ def model_view(predictor: predict.Predictor, image: Image.Image) -> np.ndarray:
     return pixels.permute(1, 2, 0).numpy()
 
 
-def draw_hand(image: Image.Image, hand: hands.Hand) -> Image.Image:
-    """A copy of `image` with the hand's box and skeleton (MediaPipe's 21 landmarks) drawn over it."""
+def draw_hand(image: Image.Image, hand: hands.Hand, crop_margin: float | None = None) -> Image.Image:
+    """A copy of `image` with the hand's box and skeleton (MediaPipe's 21 landmarks) drawn over it, and for a
+    crop model (`crop_margin`) the square its image network reads."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
     width = max(2, round(max(image.size) / 160))
+    if crop_margin:
+        left, top, right, bottom = hands.crop_box(hand.box, image.size, crop_margin)
+        # PIL's rectangle includes its far corner; the crop does not
+        draw.rectangle((left, top, right - 1, bottom - 1), outline=(80, 160, 255), width=width)
     points = [(float(x * image.width), float(y * image.height)) for x, y, _ in hand.landmarks]
     x0, y0, x1, y1 = hand.box
     draw.rectangle((x0 * image.width, y0 * image.height, x1 * image.width, y1 * image.height),
@@ -176,7 +181,8 @@ def model_info(predictor: predict.Predictor) -> dict[str, str]:
     """Facts about the loaded model for the sidebar, from its checkpoint's metadata and history."""
     meta, cfg = predictor.metadata, predictor.transform_cfg
     info = {"Architecture": str(meta.get("arch", "unknown")),
-            "Reads": ("the image and the hand's landmarks (MediaPipe)" if predictor.uses_hands
+            "Reads": ("the square around the hand and the hand's landmarks (MediaPipe)" if predictor.crop_margin
+                      else "the image and the hand's landmarks (MediaPipe)" if predictor.uses_hands
                       else "the image alone"),
             "Classes": f"{len(predictor.classes)}",
             "Image size": f"{cfg['crop_size']} px (resized to {cfg['resize_size']}, centre crop)"}
@@ -455,19 +461,23 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
     top = predictor.top_k(image, TOP_K, reading.probs)
     verdict = predict.decide(predictor.classes, reading.probs,
                              reading.hand is not None if predictor.uses_hands else None, threshold, reading.agreed)
-    view = model_view(predictor, image)
+    seen = predictor.model_input(image, reading.hand)  # a crop model reads the square around the hand
+    view = model_view(predictor, seen)
     images, result = st.columns([3, 2], gap="large")
     with images:
         panels = st.columns(3 if explain else 2)
         if reading.hand is not None:
-            panels[0].image(draw_hand(image, reading.hand), caption=f"Your image ({image.width}x{image.height}), "
-                            f"the hand MediaPipe found ({reading.hand.handedness.lower()})", width="stretch")
+            panels[0].image(draw_hand(image, reading.hand, predictor.crop_margin),
+                            caption=f"Your image ({image.width}x{image.height}), the hand MediaPipe found "
+                            f"({reading.hand.handedness.lower()})"
+                            + (" and, in blue, the square the model read" if predictor.crop_margin else ""),
+                            width="stretch")
         else:
             panels[0].image(image, caption=f"Your image ({image.width}x{image.height})"
                             + (", no hand found" if predictor.uses_hands else ""), width="stretch")
         panels[1].image(view, caption=f"As the model saw it ({view.shape[1]}x{view.shape[0]})", width="stretch")
         if explain:
-            heat = grad_cam(cam_model() if cam_model else predictor, image, predictor.classes.index(verdict.label))
+            heat = grad_cam(cam_model() if cam_model else predictor, seen, predictor.classes.index(verdict.label))
             if heat is None:
                 panels[2].info("Grad-CAM needs the model's layers; this model (an exported graph, e.g. from "
                                "MLflow) has none to look into. Point the app at the training folder instead.")

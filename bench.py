@@ -446,7 +446,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     # both variants share the preprocessing code: timed once, to show its share of the latency
     pre = interleaved({"preprocess": lambda: len(found[OURS].preprocess(image))}, args.latency_reps)
     preprocess_ms = statistics.median(pre["preprocess"][0]) * 1e3
-    # a hand-aware model (pt_train.py --hands fused) finds the hand in every image: part of both latencies
+    # a hand-aware model (pt_train.py --hands crop or fused) finds the hand in every image: part of both latencies
     hand_ms = (statistics.median(interleaved({"hands": lambda: len(found[OURS].find_hands([image]))},
                                              args.latency_reps)["hands"][0]) * 1e3
                if found[OURS].uses_hands else None)

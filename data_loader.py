@@ -13,10 +13,11 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -307,12 +308,14 @@ def train_transform(cfg: dict, augment: bool, hflip: bool = False) -> T.Compose:
 
 
 class ImageDataset(Dataset):
-    """(path, label) samples decoded with PIL and transformed; an image that fails to decode is replaced by the
-    next one and logged, so one truncated file never stops a long training run."""
+    """(path, label) samples opened with `load` (the project's image policy, or a crop model's
+    `hands.CropLoader`) and transformed; an image that fails to decode is replaced by the next one and logged,
+    so one truncated file never stops a long training run."""
 
-    def __init__(self, samples: list[Sample], transform):
+    def __init__(self, samples: list[Sample], transform, load: Callable[[str], Image.Image] = image_io.load_rgb):
         self.samples = samples
         self.transform = transform
+        self.load = load
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -321,7 +324,7 @@ class ImageDataset(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self.transform(image_io.load_rgb(path)), label
+                return self.transform(self.load(path)), label
             except image_io.ImageError as err:
                 log.warning("Skipping unreadable image: %s", err)
         raise DatasetError("No image in the dataset could be decoded.")
@@ -578,17 +581,19 @@ class Splits:
 
 
 def build_splits(images: ImageList, cfg: dict, *, val_split: float = 0.1, seed: int = 0, split_by: str = "auto",
-                 augment: bool = True, hflip: bool = False, rules: Sequence[SplitRule] | None = None) -> Splits:
+                 augment: bool = True, hflip: bool = False, rules: Sequence[SplitRule] | None = None,
+                 load: Callable[[str], Image.Image] = image_io.load_rgb) -> Splits:
     """Split scanned images, each folder by its own `rules` (default: the same rule, from val_split, seed and
-    split_by, for every folder), and wrap both sides with their transforms (validation is never augmented)."""
+    split_by, for every folder), and wrap both sides with their transforms (validation is never augmented); both
+    open their files with `load`."""
     rules = rules or [SplitRule(val_split, seed, split_by)] * len(images.roots)
     train_idx, val_idx, blocks = split_folders(images, rules)
     train_samples = [images.samples[i] for i in train_idx]
     val_samples = [images.samples[i] for i in val_idx]
     folder_split_by = [resolve_split_by([s for s, f in zip(images.samples, images.folders) if f == folder],
                                         rule.split_by) for folder, rule in enumerate(rules)]
-    return Splits(ImageDataset(train_samples, train_transform(cfg, augment, hflip)),
-                  ImageDataset(val_samples, eval_transform(cfg)), images.classes, train_samples, val_samples,
+    return Splits(ImageDataset(train_samples, train_transform(cfg, augment, hflip), load),
+                  ImageDataset(val_samples, eval_transform(cfg), load), images.classes, train_samples, val_samples,
                   "/".join(sorted(set(folder_split_by))), images.skipped, [blocks[i] for i in val_idx],
                   images.roots, [images.folders[i] for i in train_idx], [images.folders[i] for i in val_idx],
                   folder_split_by)

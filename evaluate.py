@@ -26,6 +26,7 @@ import random
 import shlex
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, average_precision_score,
                              classification_report, confusion_matrix, precision_recall_curve, roc_auc_score,
                              roc_curve, top_k_accuracy_score)
@@ -195,17 +196,18 @@ def subsample(samples: list[Sample], per_class: int, seed: int) -> list[Sample]:
 # ------------------------------------------------------------------------------------------- predicting
 
 class _ImageFiles(Dataset):
-    """Preprocessed images; one that fails to decode comes back as None, to be skipped (never replaced)."""
+    """Preprocessed images, opened with `load`; one that fails to decode comes back as None, to be skipped
+    (never replaced)."""
 
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[str], transform, load: Callable[[str], Image.Image] = image_io.load_rgb):
+        self.paths, self.transform, self.load = paths, transform, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         try:
-            return self.transform(image_io.load_rgb(self.paths[i])), i
+            return self.transform(self.load(self.paths[i])), i
         except image_io.ImageError as err:
             log.warning("Skipping unreadable image: %s", err)
             return None, i
@@ -218,11 +220,15 @@ def _collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor
 
 
 def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_size: int = 64,
-                    num_workers: int = 0, mirror: bool = False) -> tuple[np.ndarray, list[Sample], list[str]]:
-    """Class probabilities of every decodable image (mirrored left-right first with `mirror`), the samples they
+                    num_workers: int = 0, mirror: bool = False, found: list[hands.Hand | None] | None = None
+                    ) -> tuple[np.ndarray, list[Sample], list[str]]:
+    """The image network's class probabilities for every decodable image (mirrored left-right first with
+    `mirror`; a crop model reads the square around each image's hand in `found`, as stored), the samples they
     belong to, and the paths that failed."""
+    paths = [p for p, _ in samples]
     transform = T.Compose([ImageOps.mirror, predictor.transform]) if mirror else predictor.transform
-    loader = DataLoader(_ImageFiles([p for p, _ in samples], transform), batch_size=batch_size,
+    load = predictor.file_loader(paths, found or [None] * len(paths))
+    loader = DataLoader(_ImageFiles(paths, transform, load), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     probs, kept, failed = [], [], []
     for images, ok, bad in tqdm(loader, desc="predicting", leave=False, dynamic_ncols=True):
@@ -235,15 +241,12 @@ def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_s
     return np.concatenate(probs), kept, failed
 
 
-def find_hands(predictor: predict.Predictor, samples: list[Sample], mirror: bool = False, workers: int = 1
-               ) -> list[hands.Hand | None] | None:
-    """The hand in each image (cached per file; mirrored with `mirror`, as the image is), or None for a model
-    that does not look for hands; a long search runs in `workers` processes."""
+def find_hands(predictor: predict.Predictor, samples: list[Sample], workers: int = 1) -> list[hands.Hand | None] | None:
+    """The hand in each image (cached per file; None where none is found or the file cannot be read), or None
+    for a model that does not look for hands; a long search runs in `workers` processes."""
     if not predictor.uses_hands:
         return None
-    found = hands.find_hands([path for path, _ in samples], predictor.finder, image_io.load_rgb,
-                             workers=workers)
-    return [hand.mirrored() if hand is not None and mirror else hand for hand in found]
+    return hands.find_hands([path for path, _ in samples], predictor.finder, image_io.load_rgb, workers=workers)
 
 
 def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
@@ -655,10 +658,14 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     if args.mirror:
         data.notes.append("Every image was mirrored left-right before scoring (--mirror); the figures show them "
                           "as stored.")
-    probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror)
-    found = find_hands(predictor, scored, args.mirror, max(1, args.num_workers))
+    found = find_hands(predictor, chosen, max(1, args.num_workers))
+    probs, scored, failed = predict_samples(predictor, chosen, args.batch_size, args.num_workers, args.mirror, found)
     agreed = None
     if found is not None:
+        hand_of = dict(zip((path for path, _ in chosen), found))
+        # the landmarks of the image as scored: mirrored with it
+        found = [hand.mirrored() if hand is not None and args.mirror else hand
+                 for hand in (hand_of[path] for path, _ in scored)]
         pooled, agreed = predictor.combine(torch.from_numpy(probs), found)
         probs = pooled.numpy()
     y_true = np.array([label for _, label in scored])

@@ -13,6 +13,10 @@ torchvision caches its weights, from the first source that answers:
 requirement) runs it through the Tasks API; the legacy `mediapipe.solutions.hands` needs protobuf < 5, which
 our other requirements rule out.
 
+A crop model (`pt_train.py --hands crop`, the default) has its image network read the square around the hand
+(`crop_box`: 1.5 times the landmarks' longer side) instead of the whole frame, in training as in serving
+(`CropLoader` opens files so for the datasets).
+
 `find_hands` caches what it finds per image file (path, size and modification time, and the bundle's hash), so
 a second training run or evaluation of the same folder does not run the detector again; a file lock beside each
 cache makes searches of one folder at the same time (the ranks of a torchrun job) take turns, so only the first
@@ -42,6 +46,7 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image
 
+import image_io
 import run_artifacts
 from errors import UsageError
 
@@ -58,6 +63,9 @@ BUNDLE_NAME = "hand_landmarker.task"
 # images per set at 0.3: a hand in 87% of Kaggle training frames and 90% of the external photos.
 MIN_CONFIDENCE = 0.3
 N_LANDMARKS = 21
+# The square a crop model's image network reads (--hands crop): this many times the landmarks' longer side, so the
+# whole hand and a little around it is in view (the landmarks stop at the fingertips' and the wrist's centres)
+CROP_MARGIN = 1.5
 CACHE_FORMAT = 2
 # MediaPipe's hand skeleton, for drawing: (from, to) landmark indices
 CONNECTIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11),
@@ -347,6 +355,53 @@ def _search(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Im
     for k, result in enumerate(results):
         found[k::workers] = result
     return found
+
+
+# ---------------------------------------------------------------------------------------------- crops
+
+Box = tuple[float, float, float, float]
+
+
+def crop_box(box: Box, size: tuple[int, int], margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """The square around a hand's `box` (`Hand.box`: fractions of the image) in pixels of an image of `size`
+    (width, height): centred on the box, `margin` times its longer side, at most the image's shorter side, and
+    moved to lie inside the image, so that a crop never holds padding the training images did not have."""
+    width, height = size
+    x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    side = min(max(x1 - x0, y1 - y0) * margin, width, height)
+    left = min(max((x0 + x1 - side) / 2, 0.0), width - side)
+    top = min(max((y0 + y1 - side) / 2, 0.0), height - side)
+    side_px = round(side)
+    left_px, top_px = min(round(left), width - side_px), min(round(top), height - side_px)
+    return left_px, top_px, left_px + side_px, top_px + side_px
+
+
+def crop(image: Image.Image, box: Box | None, margin: float = CROP_MARGIN) -> Image.Image:
+    """What a crop model's image network reads: the square around the hand (`crop_box`), or the whole image
+    where no hand was found (`box` None)."""
+    return image if box is None else image.crop(crop_box(box, image.size, margin))
+
+
+@dataclasses.dataclass(frozen=True)
+class CropLoader:
+    """Opens image files (the project's `image_io.load_rgb`) cut to the square around each file's hand: the
+    `load` a crop model's datasets use. `boxes` maps a path to its hand's box; a path without one is read whole.
+    Small and picklable, for loader workers."""
+    boxes: dict[str, Box]
+    margin: float = CROP_MARGIN
+
+    @classmethod
+    def of(cls, paths: Iterable[str], found: Iterable[Hand | None], margin: float = CROP_MARGIN) -> CropLoader:
+        return cls({path: hand.box for path, hand in zip(paths, found) if hand is not None}, margin)
+
+    def __call__(self, path: str) -> Image.Image:
+        return crop(image_io.load_rgb(path), self.boxes.get(path), self.margin)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every box and the margin: the decoded-image cache keys its crops by it."""
+        boxes = sorted((path, [round(v, 6) for v in box]) for path, box in self.boxes.items())
+        return hashlib.sha256(repr((self.margin, boxes)).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- features

@@ -73,19 +73,22 @@ class CacheGeometry:
         return T.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True)(image)
 
 
-def cache_key(samples: list[Sample], geometry: CacheGeometry) -> str:
-    """A hash of the geometry and of each file's path, size and mtime: any change gives a new cache."""
-    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, dataclasses.asdict(geometry)]).encode())
+def cache_key(samples: list[Sample], geometry: CacheGeometry, load: Callable[[str], Image.Image] = image_io.load_rgb
+              ) -> str:
+    """A hash of the geometry, of how files are opened (a `hands.CropLoader`'s boxes) and of each file's path,
+    size and mtime: any change gives a new cache."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, dataclasses.asdict(geometry),
+                                        getattr(load, "fingerprint", None)]).encode())
     for path, _ in samples:
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 
-def _decode(path: str, geometry: CacheGeometry) -> np.ndarray | None:
+def _decode(path: str, geometry: CacheGeometry, load: Callable[[str], Image.Image]) -> np.ndarray | None:
     """The stored pixels of one image (HxWx3 uint8), or None when it does not decode."""
     try:
-        return np.asarray(geometry(image_io.load_rgb(path)))
+        return np.asarray(geometry(load(path)))
     except image_io.ImageError:
         return None
 
@@ -100,7 +103,8 @@ def _parallel_map(num_workers: int) -> Iterator[Callable]:
         yield partial(pool.imap, chunksize=32)
 
 
-def build_cache(samples: list[Sample], geometry: CacheGeometry, stem: Path, num_workers: int) -> None:
+def build_cache(samples: list[Sample], geometry: CacheGeometry, stem: Path, num_workers: int,
+                load: Callable[[str], Image.Image] = image_io.load_rgb) -> None:
     """Decode `samples` in parallel and write `stem.pixels` and `stem.index.npy`.
 
     Both are written atomically (run_artifacts), the index last: an index on disk means a complete cache, and
@@ -112,7 +116,8 @@ def build_cache(samples: list[Sample], geometry: CacheGeometry, stem: Path, num_
     with (run_artifacts.atomic_path(f"{stem}.pixels") as tmp, open(tmp, "wb") as out,
           _parallel_map(num_workers) as parallel_map):
         # the pixels stream to disk as they come: memory stays flat however many images there are
-        for i, pixels in enumerate(parallel_map(partial(_decode, geometry=geometry), [p for p, _ in samples])):
+        decoded = parallel_map(partial(_decode, geometry=geometry, load=load), [p for p, _ in samples])
+        for i, pixels in enumerate(decoded):
             if pixels is not None:
                 out.write(pixels.tobytes())
                 index[i] = (offset, *pixels.shape[:2])
@@ -154,9 +159,10 @@ class CachedImageDataset(Dataset):
 
 
 def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,
-                   num_workers: int = 0, hflip: bool = False) -> CachedImageDataset:
-    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment, hflip))`: through
-    `data_loader.make_loader` it gives the same batches (for the same random state).
+                   num_workers: int = 0, hflip: bool = False, load: Callable[[str], Image.Image] = image_io.load_rgb
+                   ) -> CachedImageDataset:
+    """The fast twin of `data_loader.ImageDataset(samples, data_loader.train_transform(cfg, augment, hflip),
+    load)`: through `data_loader.make_loader` it gives the same batches (for the same random state).
 
     Builds the cache on first use (decoding with `num_workers` processes); images that do not decode are
     left out and counted.
@@ -166,10 +172,10 @@ def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir
     # stored crop leaves only the normalisation, done on uint8 images as they arrive from the workers
     transform, finish = ((data_loader.train_transform(cfg, augment=True, hflip=hflip), None) if augment
                          else (T.ToImage(), data_loader.normalize(cfg)))
-    stem = Path(cache_dir).expanduser() / cache_key(samples, geometry)
+    stem = Path(cache_dir).expanduser() / cache_key(samples, geometry, load)
     if not Path(f"{stem}.index.npy").is_file():
         log.info("Decoding %d images once into %s.pixels (%s geometry)", len(samples), stem, geometry.kind)
-        build_cache(samples, geometry, stem, num_workers)
+        build_cache(samples, geometry, stem, num_workers, load)
     index = np.load(f"{stem}.index.npy", allow_pickle=False)
     keep = np.flatnonzero(index[:, 1] > 0)
     if len(keep) < len(samples):
@@ -182,9 +188,10 @@ def cached_dataset(samples: list[Sample], cfg: dict, *, augment: bool, cache_dir
 
 
 def cached_splits(splits: data_loader.Splits, cfg: dict, *, augment: bool, cache_dir: str | os.PathLike,
-                  num_workers: int = 0, hflip: bool = False) -> data_loader.Splits:
-    """`splits` with both sides served from the cache (validation is never augmented)."""
-    kw = dict(cache_dir=cache_dir, num_workers=num_workers)
+                  num_workers: int = 0, hflip: bool = False, load: Callable[[str], Image.Image] = image_io.load_rgb
+                  ) -> data_loader.Splits:
+    """`splits` with both sides served from the cache (validation is never augmented), files opened with `load`."""
+    kw = dict(cache_dir=cache_dir, num_workers=num_workers, load=load)
     return dataclasses.replace(splits, train=cached_dataset(splits.train_samples, cfg, augment=augment, hflip=hflip,
                                                             **kw),
                                val=cached_dataset(splits.val_samples, cfg, augment=False, **kw))

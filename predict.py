@@ -8,11 +8,13 @@ way (`load_logged_model`; MLflow is imported only then).
 Serving stays apart from training: this module (and so evaluate.py and the app) imports neither the training
 engine nor the tracker (tests/test_predict.py checks it); log_experiment.py imports this one, never the reverse.
 
-A hand-aware model (`pt_train.py --hands fused`, the default) also finds the hand with MediaPipe (hands.py) and
-reads its landmarks with a small network; where a hand is found, the answer pools that network's and the image
-network's probabilities (`pool`: their geometric mean), elsewhere it is the image network's alone. Where the two
-networks name different letters, the app says it is unsure whatever the probability (`decide`): on another
-person's photos that disagreement marks most of the wrong answers (README, "Other people's hands").
+A hand-aware model (`pt_train.py --hands crop`, the default, or `--hands fused`) also finds the hand with
+MediaPipe (hands.py) and reads its landmarks with a small network; a crop model's image network reads the square
+around the hand (`Predictor.model_input`), a fused model's the whole frame. Where a hand is found, the answer
+pools the landmark network's and the image network's probabilities (`pool`: their geometric mean), elsewhere
+it is the image network's alone. Where the two networks name different letters, the app says it is unsure
+whatever the probability (`decide`): on another person's photos that disagreement marks most of the wrong
+answers (README, "Other people's hands").
 `Predictor.read` returns the hand with the probabilities, for the app to draw and to say when there is none.
 
 `load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +38,7 @@ from torch import nn
 
 import data_loader
 import hands
+import image_io
 import model as models
 import run_artifacts
 from errors import UsageError
@@ -179,6 +182,22 @@ class Predictor:
         """MediaPipe's hand finder, loaded on first use (a HandModelError when it cannot be)."""
         return hands.HandFinder(self.hand_model)
 
+    @property
+    def crop_margin(self) -> float | None:
+        """For a crop model (`pt_train.py --hands crop`), how much around the hand its image network reads
+        (`hands.crop_box`); None for a model that reads the whole image."""
+        return (self.metadata.get("hands") or {}).get("crop") if self.uses_hands else None
+
+    def model_input(self, image: Image.Image, hand: hands.Hand | None) -> Image.Image:
+        """What the image network reads of `image`: a crop model's square around `hand` (the whole image where
+        none was found), else the whole image."""
+        return hands.crop(image, hand.box if hand else None, self.crop_margin) if self.crop_margin else image
+
+    def file_loader(self, paths: Sequence[str], found: Sequence[hands.Hand | None]) -> Callable[[str], Image.Image]:
+        """How to open these image files (whose hands are `found`) for the image network: `model_input` for
+        files, picklable for loader workers."""
+        return hands.CropLoader.of(paths, found, self.crop_margin) if self.crop_margin else image_io.load_rgb
+
     def find_hands(self, images: Sequence[Image.Image]) -> list[hands.Hand | None]:
         """The hand in each image; all None for a model that does not use hands."""
         return [self.finder.find(im) if self.uses_hands else None for im in images]
@@ -204,7 +223,8 @@ class Predictor:
     def read(self, images: Sequence[Image.Image]) -> list[Reading]:
         """Probabilities and the hand found, one Reading per image."""
         found = self.find_hands(images)
-        probs, agreed = self.combine(self.predict_batch(torch.stack([self.preprocess(im) for im in images])), found)
+        batch = torch.stack([self.preprocess(self.model_input(im, hand)) for im, hand in zip(images, found)])
+        probs, agreed = self.combine(self.predict_batch(batch), found)
         return [Reading(p, hand, same) for p, hand, same in zip(probs, found, agreed)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

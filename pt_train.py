@@ -53,6 +53,7 @@ FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, REPLAY_PER_CLASS = 3, 3e-4, 20
 # Stem and stages 1-3 of the pretrained backbone stay as ImageNet left them (README, "Other people's hands"): the
 # quick start's epochs got quicker and the image network read another person's photos at 0.58 instead of 0.51
 PRETRAINED_FROZEN_STAGES = 3
+HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (README, "Other people's hands")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,10 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             f"(default: {PRETRAINED_FROZEN_STAGES} with --weights imagenet, 0 from scratch or with "
                             "--init_from): quicker epochs, and the image network read another person's photos "
                             "better (README, 'Other people's hands')")
-    model.add_argument("--hands", choices=("fused", "none"), default="fused",
-                       help="fused: also find the hand (MediaPipe, hands.py) and read its 21 landmarks with a small "
-                            "network, pooled with the image network where a hand is found: it reads other "
-                            "people's hands better (README, 'Other people's hands'); none: the image network alone")
+    model.add_argument("--hands", choices=HAND_MODES, default=None,
+                       help="crop (default): also find the hand (MediaPipe, hands.py) and read its 21 landmarks with "
+                            "a small network, pooled with the image network where a hand is found, the image network "
+                            "reading the square around the hand (the whole frame where none is found): it reads "
+                            "other people's hands best (README, 'Other people's hands'); fused: the same, the image "
+                            "network reading the whole frame; none: the image network alone, on the whole frame. "
+                            "With --init_from: the model's own")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
     model.add_argument("--hand_epochs", type=int, default=HAND_EPOCHS, help="epochs of the landmark network")
@@ -146,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     log_experiment.add_tracking_args(track)
     args = p.parse_args(argv)
     if args.init_from:
-        given = [f"--{name}" for name in ("arch", "weights", "img_size") if getattr(args, name) is not None]
+        given = [f"--{name}" for name in ("arch", "weights", "img_size", "hands") if getattr(args, name) is not None]
         if given:
             p.error(f"{' and '.join(given)} {'come' if len(given) > 1 else 'comes'} from the --init_from model: leave "
                     f"{'them' if len(given) > 1 else 'it'} out to fine-tune it, or leave out --init_from to train a "
@@ -154,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args.arch = args.arch or "efficientnet_b0"
         args.weights = args.weights or "imagenet"
+        args.hands = args.hands or "crop"
     if args.frozen_stages is None:
         args.frozen_stages = PRETRAINED_FROZEN_STAGES if args.weights == "imagenet" else 0
     if args.total_epochs is None:
@@ -224,17 +229,28 @@ def _prepare(args: argparse.Namespace) -> dict:
     images = data_loader.scan_folders(roots, init["metadata"]["classes"] if init else ())
     if init:
         args.arch, args.img_size = init["metadata"]["arch"], init["metadata"]["transform"]["crop_size"]
+        args.hands = hand_mode(init["metadata"])
         transform = init["metadata"]["transform"]
     else:
         transform = models.preprocessing(args.arch, args.weights, args.img_size)
         models.build_model(args.arch, len(images.classes), args.weights)  # fails early; caches downloads
     prepared = {"images": images, "rules": rules, "transform": transform, "init": init}
-    if args.cache == "disk":
-        _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     train_idx, val_idx, _ = data_loader.split_folders(images, rules)
     used = [images.samples[i] for i in sorted(train_idx + val_idx)]
-    prepared["hands"] = _find_hands(args, used, len(images.classes)) if args.hands == "fused" else None
+    found = _find_hands(args, used, len(images.classes)) if args.hands != "none" else None
+    prepared["hands"] = found
+    # a crop model's image network reads the square around each hand, in training as in serving
+    prepared["load"] = (hands.CropLoader.of(found, found.values()) if found and args.hands == "crop"
+                        else image_io.load_rgb)
+    if args.cache == "disk":
+        _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     return prepared
+
+
+def hand_mode(meta: dict) -> str:
+    """How a trained model uses the hand (--hands), from its metadata."""
+    settings = meta.get("hands")
+    return "none" if not settings else "crop" if settings.get("crop") else "fused"
 
 
 def _load_init(args: argparse.Namespace) -> dict:
@@ -299,10 +315,10 @@ def _splits(args: argparse.Namespace, prepared: dict) -> data_loader.Splits:
     """The train/validation split, read from the decoded-image cache with --cache disk."""
     transform = prepared["transform"]
     splits = data_loader.build_splits(prepared["images"], transform, augment=args.augment, hflip=args.hflip,
-                                      rules=prepared["rules"])
+                                      rules=prepared["rules"], load=prepared["load"])
     if args.cache == "disk":
         splits = image_cache.cached_splits(splits, transform, augment=args.augment, cache_dir=args.cache_dir,
-                                           num_workers=args.num_workers, hflip=args.hflip)
+                                           num_workers=args.num_workers, hflip=args.hflip, load=prepared["load"])
     return splits
 
 
@@ -484,7 +500,8 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
     if hand_net is not None:
         val_set, paths = _hand_set(splits.val_samples, found, False)
         settings = {"hidden": HAND_HIDDEN, "min_confidence": hands.MIN_CONFIDENCE, "temperature": 1.0,
-                    "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples))}
+                    "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
+                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
         if args.calibrate:
             loader = data_loader.make_loader(val_set, 4 * HAND_BATCH_SIZE, train=False)
             result = _calibrate(hand_net, loader, [block[path] for path in paths], "landmark network")

@@ -67,7 +67,7 @@ HAND_CLASSES = ("A", "B", "L")
 
 @pytest.fixture(scope="session")
 def hand_run(tmp_path_factory) -> Path:
-    """A tiny hand-aware model (the default, --hands fused) trained on real frames: 3 letters x 40 frames."""
+    """A tiny hand-aware model (the default, --hands crop) trained on real frames: 3 letters x 40 frames."""
     if not SHARED_ASL.is_dir():
         pytest.skip("real ASL images (../shared/asl) not present")
     import shutil

@@ -731,6 +731,11 @@ def test_draw_hand_marks_the_box_and_the_skeleton():
     assert np.asarray(image).max() == 0  # the original is left alone
     assert drawn[:, :55].max() == 0 and drawn[:, 145:].max() == 0  # nothing outside the hand's box
     assert drawn[50, 100].any()  # the skeleton crosses the middle
+    # a crop model's view: also the square its image network reads, in blue
+    left, top, right, bottom = hands.crop_box((0.3, 0.2, 0.7, 0.8), (200, 100))
+    with_square = np.asarray(app.draw_hand(image, hands.Hand(points, points, "Right", 0.9, 2.0), 1.5))
+    assert with_square[top + 1, (left + right) // 2].tolist() == [80, 160, 255] and right - left == bottom - top
+    assert with_square[:, :left].max() == 0 and with_square[:, right:].max() == 0
 
 
 @pytest.mark.slow
@@ -739,7 +744,7 @@ def test_the_hand_aware_app_draws_the_hand_or_says_there_is_none(page, hand_run)
 
     at = upload(page(hand_run), "B.jpg", (SHARED_ASL / "train" / "B" / "B1300.jpg").read_bytes())
     assert not at.exception and not at.error
-    assert "the hand MediaPipe found" in captions(at)[0]
+    assert "the hand MediaPipe found" in captions(at)[0] and "the square the model read" in captions(at)[0]
     assert any("**B**" in md.value or "Prediction:" in md.value for md in at.markdown)
     blank = encode(Image.new("RGB", (120, 90), (90, 120, 160)), "PNG")
     at = upload(page(hand_run), "wall.png", blank)

@@ -136,7 +136,7 @@ def test_the_validation_split_of_a_fine_tuning_on_several_folders_is_recomputed(
     run = tmp_path / "tuned"
     assert pt_train.main(["--init_from", str(trained_run), "--xtrain_path", str(mine), "--save_dir", str(run),
                           "--total_epochs", "1", "--replay", "3", "--batch_size", "8", "--num_workers", "0",
-                          "--no-augment", "--hands", "none"]) == 0
+                          "--no-augment"]) == 0
     data = evaluate.load_validation_split(predict.load_predictor(run), run)
     folders = json.loads((run / "split.json").read_text())["folders"]
     assert "equals the" in data.notes[0] and "3 per class replayed" in data.description
@@ -419,3 +419,11 @@ def test_a_hand_aware_model_is_evaluated_with_its_hands(hand_run, tmp_path):
     assert metrics["hands"]["found_share"] == pytest.approx(np.mean([h is not None for h in found]))
     assert 0 < metrics["hands"]["n_with_hand"] <= 15 and 0 <= metrics["trust"]["coverage"] <= 1
     assert "## Hands and trust" in (out / "report.md").read_text() and "hand found in" in stdout
+    # evaluation reads each image as the app does: for this crop model, the square around the hand it found
+    predictor = predict.load_predictor(hand_run)
+    assert predictor.crop_margin
+    samples = [(str(p), 0) for p in sorted(data.rglob("*.jpg"))]
+    probs, scored, _ = evaluate.predict_samples(predictor, samples, found=found)
+    pooled, _ = predictor.combine(torch.from_numpy(probs), found)
+    served = predictor.predict([image_io.load_rgb(path) for path, _ in scored])
+    torch.testing.assert_close(pooled, served, atol=1e-5, rtol=1e-4)

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data_loader as dl
 import image_cache
+import hands
 import image_io
 import predict
 import pt_engine
@@ -75,6 +76,20 @@ def test_loader_batches_from_workers_equal_the_plain_loader(synthetic_dir, tmp_p
     for (x, y), (cx, cy) in zip(*batches, strict=True):
         torch.testing.assert_close(cx, x, rtol=0, atol=0)
         assert torch.equal(cy, y)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_crop_model_s_cache_holds_the_crops_the_plain_path_reads(synthetic_dir, tmp_path, augment):
+    samples = dl.scan_image_folder(synthetic_dir).samples[::4]
+    box = (0.2, 0.1, 0.5, 0.6)  # a hand box for every other file; the rest are read whole
+    load = hands.CropLoader({path: box for path, _ in samples[::2]})
+    plain = dl.ImageDataset(samples, dl.train_transform(B0_CFG, augment), load)
+    cached = image_cache.cached_dataset(samples, B0_CFG, augment=augment, cache_dir=tmp_path, load=load)
+    assert_same_items(plain, cached, range(len(samples)))
+    whole = image_cache.cached_dataset(samples, B0_CFG, augment=augment, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pixels"))) == 2  # the crops never stand in for the whole images
+    if augment:  # the source geometry keeps each image's own size: a square where cropped
+        assert cached.image(0).size != whole.image(0).size and cached.image(1).size == whole.image(1).size
 
 
 def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):

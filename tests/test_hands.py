@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -94,6 +95,41 @@ def test_features_ignore_position_size_and_which_hand():
     assert hands.features(hand).shape == (hands.N_FEATURES,)
     # but the hand's shape does count
     assert np.abs(hands.features(_hand(seed=1)) - hands.features(hand)).max() > 0.1
+
+
+def test_the_crop_is_a_square_around_the_hand_inside_the_image():
+    # a 40 x 40 px box in a 200 x 100 image: a 60 px square on the same centre
+    assert hands.crop_box((0.4, 0.3, 0.6, 0.7), (200, 100)) == (70, 20, 130, 80)
+    assert hands.crop_box((0.4, 0.3, 0.6, 0.7), (200, 100), margin=2.0) == (60, 10, 140, 90)
+    # the longer side counts: 20 x 40 px -> 60 px
+    assert hands.crop_box((0.45, 0.3, 0.55, 0.7), (200, 100)) == (70, 20, 130, 80)
+    # at the edge the square moves inside instead of taking in padding
+    assert hands.crop_box((0.0, 0.0, 0.1, 0.2), (200, 100)) == (0, 0, 30, 30)
+    assert hands.crop_box((0.9, 0.8, 1.05, 1.1), (200, 100)) == (155, 55, 200, 100)
+    # never larger than the image's shorter side
+    assert hands.crop_box((0.1, 0.1, 0.9, 0.9), (200, 100)) == (50, 0, 150, 100)
+
+
+def test_crops_open_files_as_a_crop_model_reads_them(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)
+    path = str(tmp_path / "a.png")
+    Image.fromarray(pixels).save(path)
+    hand = _hand()
+    loader = hands.CropLoader.of([path, "elsewhere.png"], [hand, None])
+    assert loader.boxes == {path: hand.box}
+    cropped = loader(path)
+    left, top, right, bottom = hands.crop_box(hand.box, (200, 100))
+    np.testing.assert_array_equal(np.asarray(cropped), pixels[top:bottom, left:right])
+    assert cropped.width == cropped.height > 0
+    # no hand: the whole image
+    whole = hands.CropLoader({})(path)
+    np.testing.assert_array_equal(np.asarray(whole), pixels)
+    assert hands.crop(whole, None) is whole
+    # picklable for loader workers, and its fingerprint (the decoded-image cache's key) follows boxes and margin
+    again = pickle.loads(pickle.dumps(loader))
+    assert again == loader and again.fingerprint == loader.fingerprint
+    assert hands.CropLoader.of([path], [_hand(seed=1)]).fingerprint != loader.fingerprint
+    assert hands.CropLoader(loader.boxes, margin=2.0).fingerprint != loader.fingerprint
 
 
 def test_augment_varies_hands_as_a_camera_would():

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import image_io
 import model as models
 import predict
 import run_artifacts
@@ -110,7 +111,8 @@ def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
     blank = Image.new("RGB", (200, 200), (90, 120, 160))
     readings = predictor.read([with_hand, blank])
     assert readings[0].hand is not None and readings[1].hand is None
-    frame = predictor.predict_batch(torch.stack([predictor.preprocess(im) for im in (with_hand, blank)]))
+    frame = predictor.predict_batch(torch.stack([predictor.preprocess(predictor.model_input(im, r.hand))
+                                                 for im, r in zip((with_hand, blank), readings)]))
     torch.testing.assert_close(readings[1].probs, frame[1])  # no hand: the image network alone
     features = torch.from_numpy(hands.features(readings[0].hand))[None]
     with torch.no_grad():
@@ -123,6 +125,39 @@ def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
     fast = predict.load_predictor(hand_run, backend="onnx")
     torch.testing.assert_close(fast.predict([with_hand, blank]), predictor.predict([with_hand, blank]),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("margin", [1.5, None])
+def test_a_crop_model_s_image_network_reads_the_square_around_the_hand(tmp_path, monkeypatch, margin):
+    import numpy as np
+    from PIL import Image
+
+    import hands
+
+    path = checkpoint(tmp_path / "m.pt", hands={"hidden": 16, "temperature": 1.0, "crop": margin})
+    ckpt = run_artifacts.load_checkpoint(path)
+    ckpt["hand_net"] = models.LandmarkNet(3, hands.N_FEATURES, 16).state_dict()
+    run_artifacts.save_checkpoint(ckpt, path)
+    predictor = predict.load_predictor(path)
+    assert predictor.crop_margin == margin
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    points = np.random.default_rng(1).uniform(0.5, 0.8, (21, 3)).astype(np.float32)
+    hand = hands.Hand(points, points, "Right", 0.9, 1.5)
+    monkeypatch.setattr(predictor, "find_hands", lambda images: [hand, None][:len(images)])
+    readings = predictor.read([image, image])
+    seen = predictor.model_input(image, hand)
+    if margin:  # the square around the hand where one is found, the whole image where none is
+        left, top, right, bottom = hands.crop_box(hand.box, image.size, margin)
+        assert seen.size == (right - left, bottom - top) and right - left == bottom - top < 80
+    else:
+        assert seen is image
+    assert predictor.model_input(image, None) is image
+    frame = predictor.predict_batch(torch.stack([predictor.preprocess(seen), predictor.preprocess(image)]))
+    expected, agreed = predictor.combine(frame, [hand, None])
+    torch.testing.assert_close(torch.stack([r.probs for r in readings]), expected)
+    assert [r.agreed for r in readings] == agreed
+    loader = predictor.file_loader(["x.png"], [hand])
+    assert (loader.boxes == {"x.png": hand.box} and loader.margin == margin) if margin else loader is image_io.load_rgb
 
 
 def test_a_hand_network_that_does_not_fit_is_named(tmp_path):

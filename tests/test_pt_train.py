@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+import hands
 import image_io
 import model
 import predict
 import pt_train
 import run_artifacts
-from conftest import ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared
+from conftest import HAND_CLASSES, ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
 
@@ -287,10 +289,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_under_the_defaults(t
 
 
 def test_without_hands_in_the_data_the_model_reads_the_image_alone(trained_run):
-    # synthetic squares hold no hand: the default --hands fused says so and trains the image network only
+    # synthetic squares hold no hand: the default --hands crop says so and trains the image network only, on
+    # the whole images
     ckpt = run_artifacts.load_checkpoint(trained_run / "best.pt")
     assert "hand_net" not in ckpt and "hands" not in ckpt["metadata"]
-    assert ckpt["metadata"]["args"]["hands"] == "fused" and ckpt["metadata"]["args"]["hflip"] is True
+    assert ckpt["metadata"]["args"]["hands"] == "crop" and ckpt["metadata"]["args"]["hflip"] is True
+    assert pt_train.hand_mode(ckpt["metadata"]) == "none"
     assert not predict.load_predictor(trained_run).uses_hands
 
 
@@ -300,12 +304,30 @@ def test_the_default_model_is_hand_aware_end_to_end(hand_run):
     settings = ckpt["metadata"]["hands"]
     assert set(ckpt["hand_net"]) and settings["hidden"] == pt_train.HAND_HIDDEN
     assert 0.5 < settings["found_share_train"] <= 1  # MediaPipe finds most of these hands
+    assert settings["crop"] == hands.CROP_MARGIN and pt_train.hand_mode(ckpt["metadata"]) == "crop"
     history = json.loads((hand_run / "hand_net" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert (hand_run / "hand_net" / "calibration.json").is_file()
     predictor = predict.load_predictor(hand_run)
     assert predictor.uses_hands and predictor.metadata["hands"]["temperature"] == settings["temperature"]
+    assert predictor.crop_margin == hands.CROP_MARGIN
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_crop_model_keeps_reading_the_hand_s_square(hand_run, tmp_path):
+    data = tmp_path / "mine"
+    for name in HAND_CLASSES:
+        (data / name).mkdir(parents=True)
+        for n in range(1, 7):
+            shutil.copy(SHARED_ASL / "external" / name / f"{n}.jpg", data / name)
+    out = tmp_path / "taught"
+    assert pt_train.main(["--init_from", str(hand_run), "--xtrain_path", str(data), "--save_dir", str(out),
+                          "--total_epochs", "1", "--hand_epochs", "2", "--batch_size", "8", "--num_workers", "0",
+                          "--cache", "disk", "--cache_dir", str(tmp_path / "cache"), "--val_split", "0.34"]) == 0
+    meta = run_artifacts.load_checkpoint(out / "best.pt")["metadata"]
+    assert meta["args"]["hands"] == "crop" and meta["hands"]["crop"] == hands.CROP_MARGIN
+    assert predict.load_predictor(out).crop_margin == hands.CROP_MARGIN
 
 
 def test_hflip_follows_augment_unless_given():
@@ -398,6 +420,7 @@ def test_a_fine_tuning_run_resumes(two_folders, base_run, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--arch", "efficientnet_lite0"], "--arch comes from the --init_from model"),
     (["--img_size", "64", "--weights", "none"], "--weights and --img_size come from the --init_from model"),
+    (["--hands", "none"], "--hands comes from the --init_from model"),
 ])
 def test_fine_tuning_refuses_settings_that_belong_to_the_model(base_run, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
