@@ -223,10 +223,12 @@ def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_s
                     num_workers: int = 0, mirror: bool = False, found: list[hands.Hand | None] | None = None
                     ) -> tuple[np.ndarray, list[Sample], list[str]]:
     """The image network's class probabilities for every decodable image (mirrored left-right first with
-    `mirror`; a crop model reads the square around each image's hand in `found`, as stored), the samples they
-    belong to, and the paths that failed."""
+    `mirror`; a crop model reads the square around each image's hand, `found` as stored, searched here when not
+    given), the samples they belong to, and the paths that failed."""
     paths = [p for p, _ in samples]
     transform = T.Compose([ImageOps.mirror, predictor.transform]) if mirror else predictor.transform
+    if found is None and predictor.crop_margin:
+        found = find_hands(predictor, samples)
     load = predictor.file_loader(paths, found or [None] * len(paths))
     loader = DataLoader(_ImageFiles(paths, transform, load), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
@@ -241,7 +243,8 @@ def predict_samples(predictor: predict.Predictor, samples: list[Sample], batch_s
     return np.concatenate(probs), kept, failed
 
 
-def find_hands(predictor: predict.Predictor, samples: list[Sample], workers: int = 1) -> list[hands.Hand | None] | None:
+def find_hands(predictor: predict.Predictor, samples: list[Sample], workers: int = 1
+               ) -> list[hands.Hand | None] | None:
     """The hand in each image (cached per file; None where none is found or the file cannot be read), or None
     for a model that does not look for hands; a long search runs in `workers` processes."""
     if not predictor.uses_hands:

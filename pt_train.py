@@ -240,7 +240,7 @@ def _prepare(args: argparse.Namespace) -> dict:
     found = _find_hands(args, used, len(images.classes)) if args.hands != "none" else None
     prepared["hands"] = found
     # a crop model's image network reads the square around each hand, in training as in serving
-    prepared["load"] = (hands.CropLoader.of(found, found.values()) if found and args.hands == "crop"
+    prepared["load"] = (hands.CropLoader.of(found.keys(), found.values()) if found and args.hands == "crop"
                         else image_io.load_rgb)
     if args.cache == "disk":
         _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files

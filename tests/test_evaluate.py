@@ -424,6 +424,7 @@ def test_a_hand_aware_model_is_evaluated_with_its_hands(hand_run, tmp_path):
     assert predictor.crop_margin
     samples = [(str(p), 0) for p in sorted(data.rglob("*.jpg"))]
     probs, scored, _ = evaluate.predict_samples(predictor, samples, found=found)
+    np.testing.assert_array_equal(evaluate.predict_samples(predictor, samples)[0], probs)  # searched if not given
     pooled, _ = predictor.combine(torch.from_numpy(probs), found)
     served = predictor.predict([image_io.load_rgb(path) for path, _ in scored])
     torch.testing.assert_close(pooled, served, atol=1e-5, rtol=1e-4)
