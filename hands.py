@@ -13,6 +13,9 @@ torchvision caches its weights, from the first source that answers:
 requirement) runs it through the Tasks API; the legacy `mediapipe.solutions.hands` needs protobuf < 5, which
 our other requirements rule out.
 
+Where the detector finds no hand, `HandFinder.find` looks once more at the image padded with its own edge pixels
+(`SECOND_LOOK_PAD`): close-ups, whose hand fills or leaves the frame, are found that way.
+
 A crop model (`pt_train.py --hands crop`, the default) has its image network read the square around the hand
 (`crop_box`: 1.5 times the landmarks' longer side) instead of the whole frame, in training as in serving
 (`CropLoader` opens files so for the datasets).
@@ -66,7 +69,12 @@ N_LANDMARKS = 21
 # The square a crop model's image network reads (--hands crop): this many times the landmarks' longer side, so the
 # whole hand and a little around it is in view (the landmarks stop at the fingertips' and the wrist's centres)
 CROP_MARGIN = 1.5
-CACHE_FORMAT = 2
+# Where MediaPipe finds no hand it looks again at the image with its edge pixels repeated outward by this share of
+# its longer side on every side: its palm detector misses hands that fill the frame or leave it (close-ups), and
+# finds most of them with room around them. Measured: 548 of the 565 external photos without a hand found (97%),
+# 387 of the 1,184 Kaggle training frames (none of the 298 `nothing` frames); README, "Other people's hands".
+SECOND_LOOK_PAD = 0.3
+CACHE_FORMAT = 3  # bump when the file layout or how hands are searched changes
 # MediaPipe's hand skeleton, for drawing: (from, to) landmark indices
 CONNECTIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11),
                (11, 12), (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (17, 18), (18, 19), (19, 20), (0, 17))
@@ -207,9 +215,14 @@ class HandFinder:
         self._close = weakref.finalize(self, self._landmarker.close)
 
     def find(self, image: Image.Image | np.ndarray) -> Hand | None:
-        """The most confident hand in an RGB image, or None."""
+        """The most confident hand in an RGB image, or None. Where none is found, a second look: the image with
+        its edge pixels repeated outward (`SECOND_LOOK_PAD`), the landmarks given in the image's own coordinates."""
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image,
                                                  dtype=np.uint8))
+        hand = self._detect(pixels)
+        return hand if hand is not None else self._detect_padded(pixels)
+
+    def _detect(self, pixels: np.ndarray) -> Hand | None:
         with self._lock:
             result = self._landmarker.detect(self.mp.Image(image_format=self.mp.ImageFormat.SRGB, data=pixels))
         if not result.hand_landmarks:
@@ -218,6 +231,19 @@ class HandFinder:
         world = np.array([[p.x, p.y, p.z] for p in result.hand_world_landmarks[0]], dtype=np.float32)
         category = result.handedness[0][0]
         return Hand(points, world, category.category_name, float(category.score), pixels.shape[1] / pixels.shape[0])
+
+    def _detect_padded(self, pixels: np.ndarray, pad_share: float = SECOND_LOOK_PAD) -> Hand | None:
+        height, width = pixels.shape[:2]
+        pad = round(max(height, width) * pad_share)
+        hand = self._detect(np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+        if hand is None:
+            return None
+        # fractions of the padded image -> fractions of this one (landmarks outside the frame fall outside 0..1);
+        # z is in about x's scale, so it scales with x
+        scale = np.array([(width + 2 * pad) / width, (height + 2 * pad) / height, (width + 2 * pad) / width],
+                         dtype=np.float32)
+        shift = np.array([pad / width, pad / height, 0.0], dtype=np.float32)
+        return dataclasses.replace(hand, landmarks=hand.landmarks * scale - shift, aspect=width / height)
 
     def close(self) -> None:
         with self._lock:

@@ -54,6 +54,7 @@ FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, REPLAY_PER_CLASS = 3, 3e-4, 20
 # quick start's epochs got quicker and the image network read another person's photos at 0.58 instead of 0.51
 PRETRAINED_FROZEN_STAGES = 3
 HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (README, "Other people's hands")
+WHOLE_SHARE = 0.0  # --whole_share (README, "Other people's hands")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "other people's hands best (README, 'Other people's hands'); fused: the same, the image "
                             "network reading the whole frame; none: the image network alone, on the whole frame. "
                             "With --init_from: the model's own")
+    model.add_argument("--whole_share", type=float, default=WHOLE_SHARE, metavar="P",
+                       help="crop models: the share of training images the image network reads whole instead of "
+                            "their square, drawn once by the seed, so that it also reads the photos where no hand "
+                            "is found (README, 'Other people's hands')")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
     model.add_argument("--hand_epochs", type=int, default=HAND_EPOCHS, help="epochs of the landmark network")
@@ -158,7 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args.arch = args.arch or "efficientnet_b0"
         args.weights = args.weights or "imagenet"
-        args.hands = args.hands or "crop"
+        args.hands = args.hands or HAND_MODES[0]
+    if not 0.0 <= args.whole_share <= 1.0:
+        p.error(f"--whole_share {args.whole_share} is a share of the training images: give one from 0 to 1.")
     if args.frozen_stages is None:
         args.frozen_stages = PRETRAINED_FROZEN_STAGES if args.weights == "imagenet" else 0
     if args.total_epochs is None:
@@ -240,11 +247,21 @@ def _prepare(args: argparse.Namespace) -> dict:
     found = _find_hands(args, used, len(images.classes)) if args.hands != "none" else None
     prepared["hands"] = found
     # a crop model's image network reads the square around each hand, in training as in serving
-    prepared["load"] = (hands.CropLoader.of(found.keys(), found.values()) if found and args.hands == "crop"
+    prepared["load"] = (_crop_loader(args, images, train_idx, found) if found and args.hands == "crop"
                         else image_io.load_rgb)
     if args.cache == "disk":
         _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     return prepared
+
+
+def _crop_loader(args: argparse.Namespace, images: data_loader.ImageList, train_idx: list[int],
+                 found: dict[str, hands.Hand]) -> hands.CropLoader:
+    """A crop model's image loader: the square around each hand, but a share (--whole_share) of the training
+    images, drawn once by the seed, whole. Served, the image network reads the whole frame wherever no hand is
+    found; trained on squares alone it saw whole frames only of `nothing` and of the few signs MediaPipe misses."""
+    rng = random.Random(args.seed)
+    whole = {images.samples[i][0] for i in sorted(train_idx) if rng.random() < args.whole_share}
+    return hands.CropLoader({path: hand.box for path, hand in found.items() if path not in whole})
 
 
 def hand_mode(meta: dict) -> str:
@@ -501,7 +518,8 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         val_set, paths = _hand_set(splits.val_samples, found, False)
         settings = {"hidden": HAND_HIDDEN, "min_confidence": hands.MIN_CONFIDENCE, "temperature": 1.0,
                     "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
-                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
+                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None,
+                    "whole_share": args.whole_share if args.hands == "crop" else None}
         if args.calibrate:
             loader = data_loader.make_loader(val_set, 4 * HAND_BATCH_SIZE, train=False)
             result = _calibrate(hand_net, loader, [block[path] for path in paths], "landmark network")

@@ -62,6 +62,27 @@ def test_a_mirrored_photo_gives_the_mirrored_hand(finder):
     assert np.abs(hands.features(seen_mirrored) - hands.features(hand)).mean() < 0.1
 
 
+@needs_real
+def test_a_second_look_finds_the_hand_that_fills_the_photo(finder):
+    # a close-up V whose hand leaves the frame at the bottom: the palm detector misses it until the photo is padded
+    pixels = np.asarray(image_io.load_rgb(SHARED / "external/V/14.jpg"))
+    assert finder._detect(pixels) is None
+    hand = finder.find(pixels)
+    x0, y0, x1, y1 = hand.box
+    assert (x1 - x0) * (y1 - y0) > 0.15 and hand.aspect == 1.0
+
+
+@needs_real
+@pytest.mark.parametrize("name", ["train/L/L35.jpg", "external/B/3.jpg"])
+def test_the_second_look_gives_the_landmarks_in_the_photo_s_own_coordinates(finder, name):
+    pixels = np.asarray(image_io.load_rgb(SHARED / name))
+    first, second = finder._detect(pixels), finder._detect_padded(pixels)
+    assert second.handedness == first.handedness
+    # the same hand, seen at another scale: about 1% of the photo apart, 3% at worst
+    error = np.abs(second.landmarks[:, :2] - first.landmarks[:, :2])
+    assert error.mean() < 0.015 and error.max() < 0.03
+
+
 def test_no_hand_in_images_without_one(finder):
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8))

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 from PIL import Image
 
+import data_loader
 import hands
 import image_io
 import model
@@ -305,6 +307,7 @@ def test_the_default_model_is_hand_aware_end_to_end(hand_run):
     assert set(ckpt["hand_net"]) and settings["hidden"] == pt_train.HAND_HIDDEN
     assert 0.5 < settings["found_share_train"] <= 1  # MediaPipe finds most of these hands
     assert settings["crop"] == hands.CROP_MARGIN and pt_train.hand_mode(ckpt["metadata"]) == "crop"
+    assert settings["whole_share"] == pt_train.WHOLE_SHARE
     history = json.loads((hand_run / "hand_net" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -328,6 +331,32 @@ def test_fine_tuning_a_crop_model_keeps_reading_the_hand_s_square(hand_run, tmp_
     meta = run_artifacts.load_checkpoint(out / "best.pt")["metadata"]
     assert meta["args"]["hands"] == "crop" and meta["hands"]["crop"] == hands.CROP_MARGIN
     assert predict.load_predictor(out).crop_margin == hands.CROP_MARGIN
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_a_crop_model_reads_a_seeded_share_of_its_training_images_whole(share):
+    samples = [(f"/data/A/{n}.jpg", 0) for n in range(400)]
+    images = data_loader.ImageList(samples, ["A"], [])
+    hand = hands.Hand(np.full((21, 3), 0.5, np.float32), np.zeros((21, 3), np.float32), "Right", 0.9)
+    found = {path: hand for path, _ in samples}
+    train_idx, val_paths = list(range(300)), [path for path, _ in samples[300:]]
+
+    def whole(seed: int) -> set[str]:
+        args = pt_train.parse_args(["--whole_share", str(share), "--seed", str(seed)])
+        boxes = pt_train._crop_loader(args, images, train_idx, found).boxes
+        assert all(path in boxes for path in val_paths)  # validation reads as serving does
+        return {path for path, _ in samples[:300] if path not in boxes}
+
+    assert abs(len(whole(0)) / 300 - share) < 0.06
+    assert whole(0) == whole(0)
+    if 0 < share < 1:
+        assert whole(1) != whole(0)
+
+
+def test_whole_share_outside_0_to_1_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        pt_train.parse_args(["--whole_share", "1.5"])
+    assert "--whole_share 1.5 is a share of the training images" in capsys.readouterr().err
 
 
 def test_hflip_follows_augment_unless_given():
