@@ -54,7 +54,7 @@ FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, REPLAY_PER_CLASS = 3, 3e-4, 20
 # quick start's epochs got quicker and the image network read another person's photos at 0.58 instead of 0.51
 PRETRAINED_FROZEN_STAGES = 3
 HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (README, "Other people's hands")
-WHOLE_SHARE = 0.0  # --whole_share (README, "Other people's hands")
+WHOLE_SHARE = 0.0  # --whole_share; 0.3 cost 3-4 points on another person's photos (README, "Other people's hands")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "With --init_from: the model's own")
     model.add_argument("--whole_share", type=float, default=WHOLE_SHARE, metavar="P",
                        help="crop models: the share of training images the image network reads whole instead of "
-                            "their square, drawn once by the seed, so that it also reads the photos where no hand "
-                            "is found (README, 'Other people's hands')")
+                            "their square, drawn once by the seed. Measured at 0.3: a small hand in a large scene "
+                            "that MediaPipe misses is read better, another person's close-ups worse (README, "
+                            "'Other people's hands')")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
     model.add_argument("--hand_epochs", type=int, default=HAND_EPOCHS, help="epochs of the landmark network")
