@@ -262,7 +262,7 @@ def _crop_loader(args: argparse.Namespace, images: data_loader.ImageList, train_
     found; trained on squares alone it saw whole frames only of `nothing` and of the few signs MediaPipe misses."""
     rng = random.Random(args.seed)
     whole = {images.samples[i][0] for i in sorted(train_idx) if rng.random() < args.whole_share}
-    return hands.CropLoader({path: hand.box for path, hand in found.items() if path not in whole})
+    return hands.CropLoader.of(found, [None if path in whole else hand for path, hand in found.items()])
 
 
 def hand_mode(meta: dict) -> str:
@@ -519,8 +519,7 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         val_set, paths = _hand_set(splits.val_samples, found, False)
         settings = {"hidden": HAND_HIDDEN, "min_confidence": hands.MIN_CONFIDENCE, "temperature": 1.0,
                     "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
-                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None,
-                    "whole_share": args.whole_share if args.hands == "crop" else None}
+                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
         if args.calibrate:
             loader = data_loader.make_loader(val_set, 4 * HAND_BATCH_SIZE, train=False)
             result = _calibrate(hand_net, loader, [block[path] for path in paths], "landmark network")

@@ -307,7 +307,7 @@ def test_the_default_model_is_hand_aware_end_to_end(hand_run):
     assert set(ckpt["hand_net"]) and settings["hidden"] == pt_train.HAND_HIDDEN
     assert 0.5 < settings["found_share_train"] <= 1  # MediaPipe finds most of these hands
     assert settings["crop"] == hands.CROP_MARGIN and pt_train.hand_mode(ckpt["metadata"]) == "crop"
-    assert settings["whole_share"] == pt_train.WHOLE_SHARE
+    assert ckpt["metadata"]["args"]["whole_share"] == pt_train.WHOLE_SHARE
     history = json.loads((hand_run / "hand_net" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
