@@ -117,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "With --init_from: the model's own")
     model.add_argument("--whole_share", type=float, default=WHOLE_SHARE, metavar="P",
                        help="crop models: the share of training images the image network reads whole instead of "
-                            "their square, drawn once by the seed. Measured at 0.3: a small hand in a large scene "
-                            "that MediaPipe misses is read better, another person's photos a little worse (README, "
+                            "their square, drawn once by the seed. Measured at 0.3: photos whose hand MediaPipe misses "
+                            "(dark, blurred, noisy) are read better, another person's photos a little worse (README, "
                             "'Other people's hands')")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
