@@ -432,13 +432,27 @@ class CropLoader:
 
 # ---------------------------------------------------------------------------------------------- features
 
+# Pairs of landmarks and the finger joints (landmark triples along each finger from the wrist) whose 3D
+# distances and angles make up the part of `features` that does not depend on the viewpoint
+_PAIRS = np.array([(i, j) for i in range(N_LANDMARKS) for j in range(i + 1, N_LANDMARKS)])
+_FINGERS = ((0, 1, 2, 3, 4), (0, 5, 6, 7, 8), (0, 9, 10, 11, 12), (0, 13, 14, 15, 16), (0, 17, 18, 19, 20))
+_JOINTS = np.array([joint for finger in _FINGERS for joint in zip(finger, finger[1:], finger[2:])])
+# features: the image and world landmarks (x, y, z each); then the world landmarks' distances and joint angles
+N_POINT_FEATURES = 2 * N_LANDMARKS * 3
+N_FEATURES = N_POINT_FEATURES + len(_PAIRS) + len(_JOINTS)
+
+
 def features(hand: Hand) -> np.ndarray:
     """The hand as a vector that does not depend on where it is in the image, how large, or which hand it is.
 
     Left hands are mirrored onto right ones (a mirrored letter is the same letter), the wrist moves to the
     origin and the hand's size (wrist to middle-finger base) becomes 1; the orientation stays, since it tells
     letters apart (H from U, P from K). x is scaled by the image's aspect ratio, so x and y share one scale.
-    Image coordinates (x, y, z) and MediaPipe's metric world coordinates, each so normalised, are concatenated.
+    Image coordinates (x, y, z) and MediaPipe's metric world coordinates, each so normalised, come first
+    (`N_POINT_FEATURES`, all that models trained before the rest was added read). Then what no turn of the hand
+    or the camera changes, from the world coordinates: the distance between every two landmarks (in hand sizes)
+    and the cosine of each finger joint's angle. Another signer shows some letters from another side (README,
+    "Other people's hands"); these let the landmark network know the shape from there too.
     """
     if hand.handedness == "Left":
         hand = hand.mirrored()
@@ -448,19 +462,25 @@ def features(hand: Hand) -> np.ndarray:
         p = p - p[0]
         size = float(np.linalg.norm(p[9, :2])) or 1.0
         parts.append((p / size).reshape(-1))
+    world = hand.world.astype(np.float32) - hand.world[0]
+    parts.append(np.linalg.norm(world[_PAIRS[:, 0]] - world[_PAIRS[:, 1]], axis=1)
+                 / (float(np.linalg.norm(world[9])) or 1.0))
+    before, after = world[_JOINTS[:, 0]] - world[_JOINTS[:, 1]], world[_JOINTS[:, 2]] - world[_JOINTS[:, 1]]
+    parts.append((before * after).sum(1) / np.maximum(np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1),
+                                                      1e-9))
     return np.concatenate(parts).astype(np.float32)
-
-
-N_FEATURES = 2 * N_LANDMARKS * 3
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, max_degrees: float = 15.0, noise: float = 0.01
             ) -> np.ndarray:
     """Plausible variations of training hands, given as `features` rows (n, N_FEATURES), all drawn at once: maybe
     each hand's mirror image (MediaPipe confuses left and right hands, and some signers use either), a small roll
-    of the camera, and the image landmarks jittered by `noise` hand sizes, then centred and scaled again."""
+    of the camera, and the image landmarks jittered by `noise` hand sizes, then centred and scaled again. The
+    world landmarks' distances and angles stay as they are: neither a mirror nor a roll changes them."""
     n = len(batch)
-    points = batch.reshape(n, 2, N_LANDMARKS, 3).astype(np.float32)  # (image, world) parts, as `features` makes them
+    out = batch.astype(np.float32)  # a copy
+    # (image, world) parts, as `features` makes them
+    points = out[:, :N_POINT_FEATURES].reshape(n, 2, N_LANDMARKS, 3)
     points[..., 0] *= np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
     angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, n)).astype(np.float32)[:, None, None]
     x, y = points[..., 0].copy(), points[..., 1].copy()
@@ -468,4 +488,5 @@ def augment(batch: np.ndarray, rng: np.random.Generator, max_degrees: float = 15
     image = points[:, 0] + rng.normal(0, noise, (n, N_LANDMARKS, 3)).astype(np.float32)
     image -= image[:, :1]
     points[:, 0] = image / np.maximum(np.linalg.norm(image[:, 9, :2], axis=-1), 1e-6)[:, None, None]
-    return points.reshape(n, N_FEATURES)
+    out[:, :N_POINT_FEATURES] = points.reshape(n, N_POINT_FEATURES)
+    return out

@@ -95,12 +95,18 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     return net
 
 
+def hand_features(meta: dict) -> int:
+    """How many of `hands.features` the model's landmark network reads: all, or, for a model trained before the
+    viewpoint features were added (no "features" recorded), the landmarks alone (`hands.N_POINT_FEATURES`)."""
+    return meta["hands"].get("features", hands.N_POINT_FEATURES)
+
+
 def hand_net_from_checkpoint(ckpt: dict) -> nn.Module | None:
     """The landmark network of a hand-aware checkpoint (None for a model that reads the image alone)."""
     if "hand_net" not in ckpt:
         return None
     meta = ckpt["metadata"]
-    net = models.LandmarkNet(meta["num_classes"], hands.N_FEATURES, meta["hands"]["hidden"])
+    net = models.LandmarkNet(meta["num_classes"], hand_features(meta), meta["hands"]["hidden"])
     try:
         net.load_state_dict(ckpt["hand_net"])
     except RuntimeError as err:
@@ -211,7 +217,8 @@ class Predictor:
         rows = [i for i, hand in enumerate(found) if hand is not None]
         if not self.uses_hands or not rows:
             return frame_probs, agreed
-        features = torch.stack([torch.from_numpy(hands.features(found[i])) for i in rows]).to(self.device)
+        width = hand_features(self.metadata)
+        features = torch.stack([torch.from_numpy(hands.features(found[i])[:width]) for i in rows]).to(self.device)
         logits = self.hand_net(features).float() / self.metadata["hands"].get("temperature", 1.0)
         hand_probs = torch.softmax(logits, dim=1).cpu()
         probs = frame_probs.clone()

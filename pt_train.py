@@ -470,6 +470,20 @@ def _hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], a
         [p for p, _ in kept]
 
 
+def _start_hand_net(init: dict | None, classes: list[str]) -> nn.Module:
+    """A new landmark network, started from the `--init_from` model's where it has one that reads the same
+    features (one trained before the viewpoint features were added reads fewer: this one then starts afresh)."""
+    net = models.LandmarkNet(len(classes), hands.N_FEATURES, HAND_HIDDEN)
+    if not init or init["hand_net"] is None:
+        return net
+    if predict.hand_features(init["metadata"]) != hands.N_FEATURES:
+        log.info("The landmark network starts afresh: the model fine-tuned from reads %d hand features, this "
+                 "version %d", predict.hand_features(init["metadata"]), hands.N_FEATURES)
+        return net
+    models.carry_over(net, init["hand_net"], init["metadata"]["classes"], classes)
+    return net
+
+
 def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None, prepared: dict,
                     splits: data_loader.Splits) -> nn.Module | None:
     """Train the landmark network on the hands of the training split, validated on the held-out split's hands;
@@ -484,9 +498,7 @@ def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id
     if rank == 0:
         log.info("Landmark network: %d training and %d validation hands", len(train_set), len(val_set))
     loader_args = dict(rank=rank, world_size=world_size, num_workers=0, seed=args.seed)
-    net = models.LandmarkNet(len(classes), hands.N_FEATURES, HAND_HIDDEN)
-    if init and init["hand_net"] is not None:
-        models.carry_over(net, init["hand_net"], init["metadata"]["classes"], classes)
+    net = _start_hand_net(init, classes)
     optimizer = torch.optim.AdamW(net.parameters(), lr=HAND_LEARNING_RATE, weight_decay=args.weight_decay)
     save_dir = Path(args.save_dir) / "hand_net"
     folder_of = dict(zip((path for path, _ in splits.val_samples), splits.val_folders))
@@ -519,7 +531,8 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         run_artifacts.save_json(result, save_dir / "calibration.json")
     if hand_net is not None:
         val_set, paths = _hand_set(splits.val_samples, found, False)
-        settings = {"hidden": HAND_HIDDEN, "min_confidence": hands.MIN_CONFIDENCE, "temperature": 1.0,
+        settings = {"hidden": HAND_HIDDEN, "features": hands.N_FEATURES, "min_confidence": hands.MIN_CONFIDENCE,
+                    "temperature": 1.0,
                     "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
                     "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
         if args.calibrate:

@@ -217,8 +217,10 @@ def test_hand_batches_are_varied_at_once_and_the_same_again_for_the_same_epoch()
     assert not torch.equal(first[0], epoch(3, 0)[0])  # another epoch, other variations
     # varied, not replaced: each row is still near one of the training hands or its mirror image
     rows = torch.from_numpy(np.stack([hands.features(h) for h in found]))
-    mirrors = rows.reshape(10, 2, 21, 3) * torch.tensor([-1.0, 1.0, 1.0])
-    nearest = torch.cdist(first[0], torch.cat([rows, mirrors.reshape(10, -1)])).argmin(1) % 10
+    mirrors = rows.clone()  # x flipped in the landmarks; the world landmarks' distances and angles stay
+    mirrors[:, :hands.N_POINT_FEATURES] = (rows[:, :hands.N_POINT_FEATURES].reshape(10, 2, 21, 3)
+                                           * torch.tensor([-1.0, 1.0, 1.0])).reshape(10, -1)
+    nearest = torch.cdist(first[0], torch.cat([rows, mirrors])).argmin(1) % 10
     assert nearest.tolist() == first[1].tolist()
 
 

@@ -118,6 +118,27 @@ def test_features_ignore_position_size_and_which_hand():
     assert np.abs(hands.features(_hand(seed=1)) - hands.features(hand)).max() > 0.1
 
 
+def test_the_viewpoint_features_stay_when_the_hand_turns_and_the_rest_do_not():
+    hand = _hand("Right")
+    # the world landmarks turned 70 degrees about the vertical axis and 20 about the camera's: the hand seen from
+    # another side (the image landmarks stay: only what is computed from the world ones is meant to be unchanged)
+    a, b = np.deg2rad(70), np.deg2rad(20)
+    turn = (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+            @ np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])).astype(np.float32)
+    turned = dataclasses.replace(hand, world=hand.world @ turn.T)
+    row, turned_row = hands.features(hand), hands.features(turned)
+    np.testing.assert_allclose(turned_row[hands.N_POINT_FEATURES:], row[hands.N_POINT_FEATURES:], atol=1e-5)
+    assert np.abs(turned_row[:hands.N_POINT_FEATURES] - row[:hands.N_POINT_FEATURES]).max() > 0.1
+    # distances in hand sizes: wrist to middle-finger base is 1; joint cosines lie in -1..1
+    tail = row[hands.N_POINT_FEATURES:]
+    assert tail[8] == pytest.approx(1.0, abs=1e-6)  # the pair (0, 9)
+    assert np.all(np.abs(tail[-15:]) <= 1 + 1e-6) and len(tail) == 21 * 20 // 2 + 15
+    # a bent finger is another shape: the index fingertip folded back onto its middle joint changes its angles
+    bent = hand.world.copy()
+    bent[8] = bent[6] + (bent[6] - bent[7]) * 0.1
+    assert np.abs(hands.features(dataclasses.replace(hand, world=bent))[-15:] - tail[-15:]).max() > 0.05
+
+
 def test_the_crop_is_a_square_around_the_hand_inside_the_image():
     # a 40 x 40 px box in a 200 x 100 image: a 60 px square on the same centre
     assert hands.crop_box((0.4, 0.3, 0.6, 0.7), (200, 100)) == (70, 20, 130, 80)
@@ -160,7 +181,9 @@ def test_augment_varies_hands_as_a_camera_would():
     varied = hands.augment(np.stack([row] * 200), rng)
     assert varied.shape == (200, hands.N_FEATURES) and varied.dtype == np.float32
     assert len({v.round(3).tobytes() for v in varied}) == 200
-    image = varied.reshape(200, 2, hands.N_LANDMARKS, 3)[:, 0]
+    image = varied[:, :hands.N_POINT_FEATURES].reshape(200, 2, hands.N_LANDMARKS, 3)[:, 0]
+    # neither a mirror nor a roll changes the world landmarks' distances and angles
+    np.testing.assert_array_equal(varied[:, hands.N_POINT_FEATURES:], np.stack([row[hands.N_POINT_FEATURES:]] * 200))
     # still centred on the wrist at the size of one, and no further from the hand than a jitter and a roll
     np.testing.assert_allclose(image[:, 0], 0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(image[:, 9, :2], axis=-1), 1, atol=1e-5)

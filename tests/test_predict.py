@@ -134,7 +134,8 @@ def test_a_crop_model_s_image_network_reads_the_square_around_the_hand(tmp_path,
 
     import hands
 
-    path = checkpoint(tmp_path / "m.pt", hands={"hidden": 16, "temperature": 1.0, "crop": margin})
+    path = checkpoint(tmp_path / "m.pt", hands={"hidden": 16, "features": hands.N_FEATURES, "temperature": 1.0,
+                                                "crop": margin})
     ckpt = run_artifacts.load_checkpoint(path)
     ckpt["hand_net"] = models.LandmarkNet(3, hands.N_FEATURES, 16).state_dict()
     run_artifacts.save_checkpoint(ckpt, path)
@@ -158,6 +159,26 @@ def test_a_crop_model_s_image_network_reads_the_square_around_the_hand(tmp_path,
     assert [r.agreed for r in readings] == agreed
     loader = predictor.file_loader(["x.png"], [hand])
     assert (loader.boxes == {"x.png": hand.box} and loader.margin == margin) if margin else loader is image_io.load_rgb
+
+
+def test_a_model_from_before_the_viewpoint_features_reads_the_landmarks_alone(tmp_path):
+    import numpy as np
+
+    import hands
+
+    # its checkpoint records no "features": its landmark network reads the first N_POINT_FEATURES
+    path = checkpoint(tmp_path / "old.pt", hands={"hidden": 16, "temperature": 1.0, "crop": None})
+    ckpt = run_artifacts.load_checkpoint(path)
+    ckpt["hand_net"] = models.LandmarkNet(3, hands.N_POINT_FEATURES, 16).state_dict()
+    run_artifacts.save_checkpoint(ckpt, path)
+    predictor = predict.load_predictor(path)
+    points = np.random.default_rng(1).uniform(0.3, 0.7, (21, 3)).astype(np.float32)
+    hand = hands.Hand(points, points - points.mean(0), "Right", 0.9)
+    frame = torch.tensor([[0.5, 0.3, 0.2]])
+    probs, _ = predictor.combine(frame, [hand])
+    with torch.no_grad():
+        hand_probs = torch.softmax(predictor.hand_net(torch.from_numpy(hands.features(hand)[None, :126])), 1)
+    torch.testing.assert_close(probs[0], predict.pool(frame[0], hand_probs[0]))
 
 
 def test_a_hand_network_that_does_not_fit_is_named(tmp_path):

@@ -305,6 +305,7 @@ def test_the_default_model_is_hand_aware_end_to_end(hand_run):
     ckpt = run_artifacts.check_checkpoint(run_artifacts.load_checkpoint(hand_run / "best.pt"))
     settings = ckpt["metadata"]["hands"]
     assert set(ckpt["hand_net"]) and settings["hidden"] == pt_train.HAND_HIDDEN
+    assert settings["features"] == hands.N_FEATURES
     assert 0.5 < settings["found_share_train"] <= 1  # MediaPipe finds most of these hands
     assert settings["crop"] == hands.CROP_MARGIN and pt_train.hand_mode(ckpt["metadata"]) == "crop"
     assert ckpt["metadata"]["args"]["whole_share"] == pt_train.WHOLE_SHARE
@@ -477,3 +478,19 @@ def test_fine_tuning_names_what_it_cannot_start_from(two_folders, source, messag
     code = pt_train.main(["--init_from", source, "--xtrain_path", str(two_folders[1]), "--save_dir",
                           str(tmp_path / "t")])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_fine_tuning_carries_a_landmark_network_over_only_if_it_reads_the_same_features():
+    classes = ["A", "B", "C"]
+    trained = model.LandmarkNet(2, hands.N_FEATURES, pt_train.HAND_HIDDEN)
+    init = {"hand_net": trained.state_dict(),
+            "metadata": {"classes": ["B", "A"], "hands": {"hidden": pt_train.HAND_HIDDEN, "features": hands.N_FEATURES}}}
+    net = pt_train._start_hand_net(init, classes)
+    torch.testing.assert_close(net[1].weight, trained[1].weight)  # the first hidden layer, as trained
+    torch.testing.assert_close(net[-1].weight[[1, 0]], trained[-1].weight)  # the head's rows follow the classes
+    # a model trained before the viewpoint features read the landmarks alone: its network does not fit, start afresh
+    old = model.LandmarkNet(2, hands.N_POINT_FEATURES, pt_train.HAND_HIDDEN)
+    fresh = pt_train._start_hand_net({"hand_net": old.state_dict(), "metadata": {
+        "classes": ["B", "A"], "hands": {"hidden": pt_train.HAND_HIDDEN}}}, classes)
+    assert fresh[0].num_features == hands.N_FEATURES and fresh[-1].out_features == 3
+    assert pt_train._start_hand_net(None, classes)[0].num_features == hands.N_FEATURES
