@@ -483,8 +483,8 @@ def test_fine_tuning_names_what_it_cannot_start_from(two_folders, source, messag
 def test_fine_tuning_carries_a_landmark_network_over_only_if_it_reads_the_same_features():
     classes = ["A", "B", "C"]
     trained = model.LandmarkNet(2, hands.N_FEATURES, pt_train.HAND_HIDDEN)
-    init = {"hand_net": trained.state_dict(),
-            "metadata": {"classes": ["B", "A"], "hands": {"hidden": pt_train.HAND_HIDDEN, "features": hands.N_FEATURES}}}
+    settings = {"hidden": pt_train.HAND_HIDDEN, "features": hands.N_FEATURES}
+    init = {"hand_net": trained.state_dict(), "metadata": {"classes": ["B", "A"], "hands": settings}}
     net = pt_train._start_hand_net(init, classes)
     torch.testing.assert_close(net[1].weight, trained[1].weight)  # the first hidden layer, as trained
     torch.testing.assert_close(net[-1].weight[[1, 0]], trained[-1].weight)  # the head's rows follow the classes
