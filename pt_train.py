@@ -476,9 +476,10 @@ def _start_hand_net(init: dict | None, classes: list[str]) -> nn.Module:
     net = models.LandmarkNet(len(classes), hands.N_FEATURES, HAND_HIDDEN)
     if not init or init["hand_net"] is None:
         return net
-    if predict.hand_features(init["metadata"]) != hands.N_FEATURES:
+    width = predict.hand_features(init["metadata"])
+    if width != hands.N_FEATURES:
         log.info("The landmark network starts afresh: the model fine-tuned from reads %d hand features, this "
-                 "version %d", predict.hand_features(init["metadata"]), hands.N_FEATURES)
+                 "version %d", width, hands.N_FEATURES)
         return net
     models.carry_over(net, init["hand_net"], init["metadata"]["classes"], classes)
     return net
