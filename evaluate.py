@@ -11,7 +11,8 @@ it may hold a subset of the model's classes. Predictions always take the argmax 
 
 Writes into --out_dir: report.md (everything on one page), metrics.json, classification_report.txt/.json,
 predictions.csv and the figures confusion_matrix.png, confusion_matrix_normalized.png, pr_curves.png,
-roc_curves.png, training_curves.png, misclassified.png and samples.png. Exit code 2 means a problem with
+roc_curves.png, training_curves.png, trust_by_threshold.png (what the app's confidence threshold buys: the
+share it answers and how often it is right), misclassified.png and samples.png. Exit code 2 means a problem with
 the input, explained in one line.
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ EXIT_USAGE = 2
 TOP_K = 3
 N_CONFUSED_PAIRS = 10
 N_WORST = 16
+# the app's confidence slider, 0 to 1 in steps of 0.05: what each setting would answer, and how well
+THRESHOLD_STEPS = tuple(round(0.05 * i, 2) for i in range(21))
 DPI = 110
 
 
@@ -273,13 +276,21 @@ def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             same = np.array([a is True for a in agreed])
             metrics["hands"].update(agreed_share=float(same.sum() / max(1, has.sum())),
                                     accuracy_agreed=share(same), accuracy_disagreed=share(has & ~same))
-    verdicts = [predict.decide(classes, torch.from_numpy(row), None if found is None else found[i] is not None,
-                               threshold, None if agreed is None else agreed[i]) for i, row in enumerate(probs)]
-    answered = np.array([v.answered for v in verdicts])
+    rows = [torch.from_numpy(row) for row in probs]
+
+    def answered(at: float) -> np.ndarray:
+        return np.array([predict.decide(classes, row, None if found is None else found[i] is not None, at,
+                                        None if agreed is None else agreed[i]).answered
+                         for i, row in enumerate(rows)])
+
+    def trust(at: float) -> dict:
+        chosen = answered(at)
+        return {"threshold": at, "coverage": float(chosen.mean()), "accuracy_when_answered": share(chosen)}
+
     logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
-    metrics["trust"] = {"threshold": threshold, "coverage": float(answered.mean()),
-                        "accuracy_when_answered": share(answered),
-                        "ece": calibration.expected_calibration_error(logits, torch.from_numpy(y_true))}
+    metrics["trust"] = {**trust(threshold),
+                        "ece": calibration.expected_calibration_error(logits, torch.from_numpy(y_true)),
+                        "by_threshold": [trust(at) for at in THRESHOLD_STEPS]}
     return metrics
 
 
@@ -439,6 +450,28 @@ def plot_history(history: list[dict]) -> Figure:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    return fig
+
+
+def plot_trust_by_threshold(trust: dict) -> Figure:
+    """The share of images the app would answer and the accuracy of those answers, against its threshold; the
+    threshold the report's figures use marked."""
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    steps = trust["by_threshold"]
+    at = [row["threshold"] for row in steps]
+    ax.plot(at, [row["coverage"] for row in steps], "-o", markersize=3, label="answered (share of the images)")
+    # no answers, no accuracy: those settings are left out of that line instead of drawn at 0
+    right = [(row["threshold"], row["accuracy_when_answered"]) for row in steps
+             if row["accuracy_when_answered"] is not None]
+    if right:
+        ax.plot(*zip(*right), "-s", markersize=3, label="right (share of the answers)")
+    ax.axvline(trust["threshold"], color="grey", linestyle=":", linewidth=1,
+               label=f"this report's threshold ({trust['threshold']:.0%})")
+    ax.set(xlabel="confidence threshold", ylim=(0, 1.02), xlim=(0, 1),
+           title="What the app would answer, by threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
@@ -605,8 +638,14 @@ def _hands_and_trust_lines(m: dict) -> list[str]:
     t = m["trust"]
     lines += [f"- **At the app's threshold ({t['threshold']:.0%})** it would answer {t['coverage']:.1%} of the images "
               f"(otherwise: unsure, the two networks differ, or no hand) and be right on "
-              f"{_fmt(t['accuracy_when_answered'])} of those; expected calibration error {t['ece']:.4f}.", ""]
-    return lines
+              f"{_fmt(t['accuracy_when_answered'])} of those; expected calibration error {t['ece']:.4f}.", "",
+              "**What the threshold buys** (the app's confidence slider): the share of the images it would answer "
+              "and how often those answers are right, at each setting.", "",
+              "![answers and their accuracy by threshold](trust_by_threshold.png)", "",
+              "| threshold | answered | right when answered |", "|---|---|---|"]
+    lines += [f"| {row['threshold']:.0%} | {row['coverage']:.1%} | {_fmt(row['accuracy_when_answered'])} |"
+              for row in t["by_threshold"] if round(row["threshold"] * 100) % 10 == 0]
+    return lines + [""]
 
 
 def write_report(ev: Evaluation, out_dir: Path, samples: int, seed: int, argv: list[str]) -> None:
@@ -623,6 +662,7 @@ def write_report(ev: Evaluation, out_dir: Path, samples: int, seed: int, argv: l
         save_figure(plot_per_class_curves(kind, ev.y_true, ev.probs, classes, scores.metrics),
                     out_dir / f"{kind}_curves.png")
     save_figure(plot_history(ev.history), out_dir / "training_curves.png")
+    save_figure(plot_trust_by_threshold(scores.metrics["trust"]), out_dir / "trust_by_threshold.png")
     save_figure(plot_predictions(ev.worst(), "Misclassified images, most confident first"),
                 out_dir / "misclassified.png")
     predictions = ev.predictions()

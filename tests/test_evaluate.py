@@ -28,7 +28,7 @@ from conftest import SHARED_ASL, make_image_folder, requires_shared
 from errors import UsageError
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
-           "training_curves.png", "misclassified.png", "samples.png")
+           "training_curves.png", "trust_by_threshold.png", "misclassified.png", "samples.png")
 QUICK = ["--num_workers", "0", "--batch_size", "16"]
 
 
@@ -402,6 +402,30 @@ def test_hand_and_trust_metrics_count_what_the_app_would_answer():
     assert m["hands"]["agreed_share"] == pytest.approx(2 / 3)
     assert m["hands"]["accuracy_agreed"] == 1.0 and m["hands"]["accuracy_disagreed"] == 0.0
     assert m["trust"]["coverage"] == 0.25 and m["trust"]["accuracy_when_answered"] == 1.0
+
+
+def test_trust_by_threshold_is_what_the_app_would_answer_at_each_setting():
+    classes = ["A", "B", "nothing"]
+    probs = np.array([[0.9, 0.05, 0.05],   # A, right
+                      [0.2, 0.7, 0.1],     # B, wrong (truth A)
+                      [0.45, 0.4, 0.15],   # A, right
+                      [0.1, 0.1, 0.8]])    # the empty scene: never an answer
+    m = evaluate.hand_and_trust_metrics(np.array([0, 0, 0, 0]), probs, classes, None, 0.5)
+    steps = {row["threshold"]: row for row in m["trust"]["by_threshold"]}
+    assert list(steps) == [round(0.05 * i, 2) for i in range(21)]
+    # the report's own threshold is one of the steps, with the same figures
+    assert {k: steps[0.5][k] for k in ("coverage", "accuracy_when_answered")} == {
+        k: m["trust"][k] for k in ("coverage", "accuracy_when_answered")}
+    assert steps[0.0] == {"threshold": 0.0, "coverage": 0.75, "accuracy_when_answered": pytest.approx(2 / 3)}
+    assert steps[0.75] == {"threshold": 0.75, "coverage": 0.25, "accuracy_when_answered": 1.0}
+    assert steps[0.95] == {"threshold": 0.95, "coverage": 0.0, "accuracy_when_answered": None}
+    coverage = [row["coverage"] for row in m["trust"]["by_threshold"]]
+    assert coverage == sorted(coverage, reverse=True)
+    # no answer at the top settings: that line stops, and the figure still draws
+    fig = evaluate.plot_trust_by_threshold(m["trust"])
+    right = fig.axes[0].get_lines()[1]
+    assert list(right.get_xdata()) == [row["threshold"] for row in m["trust"]["by_threshold"]
+                                       if row["coverage"] > 0]
 
 
 @pytest.mark.slow
