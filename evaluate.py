@@ -60,8 +60,8 @@ EXIT_USAGE = 2
 TOP_K = 3
 N_CONFUSED_PAIRS = 10
 N_WORST = 16
-# the app's confidence slider, 0 to 1 in steps of 0.05: what each setting would answer, and how well
-THRESHOLD_STEPS = tuple(round(0.05 * i, 2) for i in range(21))
+# the settings of the app's confidence slider, 0 to 1: what each would answer, and how well
+THRESHOLD_STEPS = tuple(round(i * predict.THRESHOLD_STEP, 2) for i in range(round(1 / predict.THRESHOLD_STEP) + 1))
 DPI = 110
 
 

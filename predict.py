@@ -46,8 +46,9 @@ from errors import UsageError
 MLFLOW_URI_SCHEMES = ("runs:/", "models:/")
 BACKENDS = ("torch", "onnx")
 # Below this calibrated probability the app says it is unsure instead of naming a sign (its slider's default);
-# evaluate.py reports how often the app would answer at it, and how often rightly.
+# evaluate.py reports how often the app would answer at it, and how often rightly, and so at every step of the slider.
 DEFAULT_THRESHOLD = 0.5
+THRESHOLD_STEP = 0.05
 NO_SIGN = "nothing"  # the class of the Kaggle dataset for "no hand in view"
 HAND_NET_ARTIFACT = "hand_net.pt"  # a hand-aware model's landmark network, beside its logged MLflow model
 
