@@ -29,6 +29,7 @@ from errors import UsageError
 log = logging.getLogger(__name__)
 
 KAGGLE_DATASET = "grassknoted/asl-alphabet"
+_KAGGLE_HANDLE = re.compile(r"[A-Za-z0-9][\w-]*/[A-Za-z0-9][\w.-]*")
 # Consecutive video frames are near-duplicates: a block split holds out runs of frames, not single frames.
 SPLIT_BLOCKS_PER_CLASS = 20
 _FRAME_NUMBER = re.compile(r"(\d+)$")
@@ -40,27 +41,61 @@ class DatasetError(UsageError):
     """A dataset problem the user can fix; the message says how."""
 
 
-def download_dataset() -> Path:
-    """Download the Kaggle ASL alphabet with kagglehub and return its folder of class sub-folders."""
+def is_kaggle_handle(source: str | os.PathLike) -> bool:
+    """Whether an --xtrain_path entry names a Kaggle dataset (`owner/dataset`, as in its kaggle.com/datasets/
+    address) rather than a folder: it has that form and no such folder exists here."""
+    return bool(_KAGGLE_HANDLE.fullmatch(str(source))) and not Path(source).expanduser().exists()
+
+
+def download_dataset(handle: str = KAGGLE_DATASET) -> Path:
+    """Download a Kaggle dataset with kagglehub (cached: a second call does not download again) and return its
+    folder of class sub-folders (`find_class_folder`)."""
     try:
         import kagglehub
 
-        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+        root = Path(kagglehub.dataset_download(handle))
     except Exception as err:  # kagglehub raises many types (network, auth, HTTP); all mean the same here
         raise DatasetError(
-            f"Could not download the Kaggle dataset '{KAGGLE_DATASET}' ({type(err).__name__}: {err}). "
-            "Check your internet connection and Kaggle credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/"
-            "KAGGLE_KEY), or pass a local folder of class sub-folders with --xtrain_path."
+            f"Could not download the Kaggle dataset '{handle}' ({type(err).__name__}: {err}). "
+            "Check your internet connection, the dataset's name (kaggle.com/datasets/OWNER/DATASET) and your Kaggle "
+            "credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY), or pass a local folder of class "
+            "sub-folders with --xtrain_path."
         ) from None
-    return resolve_train_dir(root)
+    return find_class_folder(root)
+
+
+def find_class_folder(root: Path) -> Path:
+    """The folder of class sub-folders inside a downloaded dataset: the shallowest one with at least two
+    sub-folders that hold images themselves (`asl_alphabet_train/asl_alphabet_train` in the Kaggle ASL alphabet,
+    whose test images lie flat beside it); `root` itself when there is none."""
+    level = [root]
+    while level:
+        for folder in level:
+            with_images = [d for d in _subfolders(folder)
+                           if any(f.suffix.lower() in image_io.IMG_EXTENSIONS for f in d.iterdir() if f.is_file())]
+            if len(with_images) >= 2:
+                return folder
+        level = [d for folder in level for d in _subfolders(folder)]
+    return root
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def training_folder(source: str | os.PathLike) -> Path:
+    """One --xtrain_path entry as a folder of class sub-folders: a Kaggle dataset handle is downloaded
+    (`download_dataset`), a folder is taken as it is (`resolve_train_dir`)."""
+    return download_dataset(str(source)) if is_kaggle_handle(source) else resolve_train_dir(source)
 
 
 def resolve_train_dir(path: str | os.PathLike) -> Path:
     """Accept the class folder itself or the Kaggle download root (`asl_alphabet_train/asl_alphabet_train`)."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"Dataset folder '{root}' does not exist. Pass a folder of class sub-folders "
-                           "with --xtrain_path (or leave it out to download the Kaggle dataset).")
+        raise DatasetError(f"Dataset folder '{root}' does not exist. Pass a folder of class sub-folders or a "
+                           "Kaggle dataset (OWNER/DATASET) with --xtrain_path (or leave it out to download "
+                           f"{KAGGLE_DATASET}).")
     for nested in ("asl_alphabet_train/asl_alphabet_train", "asl_alphabet_train"):
         if (root / nested).is_dir():
             return root / nested
@@ -496,13 +531,15 @@ class FinishingLoader:
 
 @dataclass(frozen=True)
 class SplitRule:
-    """How one training folder is split. `per_class` keeps only that many training images per class, spread
-    evenly over each class's frames, and at most REPLAY_VAL_PER_CLASS validation images: the replay of a
-    model's own training data while it is fine-tuned on other folders."""
+    """How one training folder is split. `per_class` keeps at most that many training images per class, and
+    `val_per_class` that many validation images, spread evenly over each class's frames: a cap on a folder of
+    many near-duplicate frames (--max_per_class), or the replay of a model's own training data while it is
+    fine-tuned on other folders."""
     val_split: float
     seed: int
     split_by: str = "auto"
     per_class: int | None = None
+    val_per_class: int | None = None
 
 
 # Replayed data is validated on a sample of the held-out images it has: enough to see forgetting, and cheap
@@ -530,7 +567,8 @@ def split_folders(images: ImageList, rules: Sequence[SplitRule]) -> tuple[list[i
         folder_train, folder_val = [members[i] for i in folder_train], [members[i] for i in folder_val]
         if rule.per_class is not None:
             folder_train = _evenly(folder_train, images.samples, rule.per_class)
-            folder_val = _evenly(folder_val, images.samples, REPLAY_VAL_PER_CLASS)
+        if rule.val_per_class is not None:
+            folder_val = _evenly(folder_val, images.samples, rule.val_per_class)
         offset = max(blocks, default=-1) + 1
         for i, block in zip(members, block_ids(samples, rule.split_by)):
             blocks[i] = offset + block
@@ -543,7 +581,10 @@ def recorded_folders(meta: Mapping) -> list[tuple[str, SplitRule]]:
     """The folders a run trained on and the rule that split each, from its config.json (or a checkpoint's
     metadata). Runs from before multi-folder training recorded one folder, as `data_root`."""
     if "folders" in meta:
-        return [(folder["root"], SplitRule(**folder["rule"])) for folder in meta["folders"]]
+        # runs from before `val_per_class` capped a replayed folder's validation images at REPLAY_VAL_PER_CLASS
+        return [(folder["root"], SplitRule(**{"val_per_class": REPLAY_VAL_PER_CLASS if folder["rule"].get("per_class")
+                                              is not None else None, **folder["rule"]}))
+                for folder in meta["folders"]]
     return [(meta["data_root"], SplitRule(meta["args"]["val_split"], meta["args"]["seed"], meta["split_by"]))]
 
 

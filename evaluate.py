@@ -60,6 +60,8 @@ EXIT_USAGE = 2
 TOP_K = 3
 N_CONFUSED_PAIRS = 10
 N_WORST = 16
+# the letters the report names as still read wrong: recall below this, each with what it is read as instead
+WEAK_RECALL = 0.7
 # the settings of the app's confidence slider, 0 to 1: what each would answer, and how well
 THRESHOLD_STEPS = tuple(round(i * predict.THRESHOLD_STEP, 2) for i in range(round(1 / predict.THRESHOLD_STEP) + 1))
 DPI = 110
@@ -346,8 +348,25 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
         "n_images": int(len(y_true)), "classes_present": names,
         "classes_absent": [c for c in classes if c not in names], "per_class": per_class,
         "most_confused": most_confused(confusion, classes),
+        "weak_classes": weak_classes(confusion, classes, names),
     }
     return Scores(metrics, report, text, confusion)
+
+
+def weak_classes(confusion: np.ndarray, classes: list[str], present: list[str], below: float = WEAK_RECALL,
+                 n_read_as: int = 2) -> list[dict]:
+    """The classes present whose recall is below `below`, worst first, each with the (at most `n_read_as`)
+    classes its images are most often read as and their shares of its images."""
+    weak = []
+    for name in present:
+        row = confusion[classes.index(name)]
+        recall = row[classes.index(name)] / row.sum()
+        if recall < below:
+            others = sorted(((int(count), c) for c, count in enumerate(row) if count and classes[c] != name),
+                            key=lambda cell: (-cell[0], cell[1]))[:n_read_as]
+            weak.append({"class": name, "recall": float(recall),
+                         "read_as": [{"class": classes[c], "share": count / int(row.sum())} for count, c in others]})
+    return sorted(weak, key=lambda w: (w["recall"], w["class"]))
 
 
 def most_confused(confusion: np.ndarray, classes: list[str], n: int = N_CONFUSED_PAIRS) -> list[dict]:
@@ -595,6 +614,7 @@ def report_markdown(ev: Evaluation, argv: list[str]) -> str:
     ]
     if m["notes"]:
         lines += ["**Notes**", "", *[f"- {note}" for note in m["notes"]], ""]
+    lines += _weak_lines(m["weak_classes"])
     lines += _hands_and_trust_lines(m)
     lines += ["## Per-class results", "", "```text", ev.scores.report_text.rstrip(), "```", "",
               "## Confusion matrix", "", "![confusion matrix, counts](confusion_matrix.png)", "",
@@ -622,6 +642,23 @@ def report_markdown(ev: Evaluation, argv: list[str]) -> str:
         lines += ["## Skipped files (unreadable, unlabelled or gone)", "", *[f"- `{s}`" for s in m["skipped"]], ""]
     lines += ["## Reproduce", "", "```bash", "python evaluate.py " + shlex.join(argv), "```", ""]
     return "\n".join(lines)
+
+
+def read_as_text(weak: dict) -> str:
+    """`A 0.31 (read as S 45%, E 12%)`: a weak class in one phrase."""
+    others = ", ".join(f"{r['class']} {r['share']:.0%}" for r in weak["read_as"])
+    return f"{weak['class']} {weak['recall']:.2f}" + (f" (read as {others})" if others else "")
+
+
+def _weak_lines(weak: list[dict]) -> list[str]:
+    lines = [f"## Letters it still gets wrong (recall below {WEAK_RECALL:.0%})", ""]
+    if not weak:
+        return lines + [f"None: every class present has a recall of at least {WEAK_RECALL:.0%}.", ""]
+    lines += ["| class | recall | most often read as |", "|---|---|---|"]
+    for w in weak:
+        read_as = ", ".join(f"{r['class']} ({r['share']:.0%})" for r in w["read_as"]) or "-"
+        lines.append(f"| {w['class']} | {w['recall']:.2f} | {read_as} |")
+    return lines + [""]
 
 
 def _hands_and_trust_lines(m: dict) -> list[str]:
@@ -743,6 +780,8 @@ def _print_summary(ev: Evaluation, out_dir: str) -> None:
               f"without {_fmt(h['accuracy_without_hand'])}"
               + (f" | the networks agree on {h['agreed_share']:.1%} of those: accuracy {_fmt(h['accuracy_agreed'])}"
                  f", else {_fmt(h['accuracy_disagreed'])}" if "agreed_share" in h else ""))
+    if m["weak_classes"]:
+        print(f"recall below {WEAK_RECALL:.0%}: " + "; ".join(read_as_text(w) for w in m["weak_classes"]))
     t = m["trust"]
     print(f"at threshold {t['threshold']:.2f} the app answers {t['coverage']:.1%}, right on "
           f"{_fmt(t['accuracy_when_answered'])} | ECE {t['ece']:.4f}")

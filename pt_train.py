@@ -57,6 +57,7 @@ HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (REA
 # --whole_share; 0.3 read the shifted set better in two draws but another person's photos a little worse, and the app
 # was right less often when it answered (README, "Other people's hands")
 WHOLE_SHARE = 0.0
+MAX_PER_CLASS = 0  # --max_per_class
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--xtrain_path", nargs="+",
                       help="folder(s) of class sub-folders, trained on together: classes merged by name (a/ is "
                            "A/), each folder split on its own; default: download the Kaggle dataset")
+    data.add_argument("--max_per_class", type=int, default=MAX_PER_CLASS, metavar="N",
+                      help="at most N training images per class from each folder, spread evenly over its frames, so "
+                           "that a folder of many near-duplicate video frames (the Kaggle signer's 270 a letter) does "
+                           "not drown the photos of other people (README, 'Other people's hands'); 0: all")
     data.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation")
     data.add_argument("--split_by", choices=("auto", "block", "random"), default="auto",
                       help="block: hold out runs of consecutive frames (auto picks it when names carry frame numbers)")
@@ -209,6 +214,8 @@ def _check_environment(args: argparse.Namespace) -> None:
         raise UsageError("--hflip is an augmentation; it cannot be combined with --no-augment.")
     if args.gpu_augment and args.cache == "none":
         raise UsageError("--gpu_augment reads the decoded-image cache; drop --cache none (or add --no-gpu_augment).")
+    if args.max_per_class < 0:
+        raise UsageError(f"--max_per_class is a number of images (got {args.max_per_class}); 0 takes them all.")
     if args.replay < 0:
         raise UsageError(f"--replay is a number of images per class (got {args.replay}); 0 replays none.")
     if args.total_epochs < 1 or args.batch_size < 1 or args.world_size < 1 or args.learning_rate <= 0:
@@ -226,14 +233,14 @@ def _check_environment(args: argparse.Namespace) -> None:
         log_experiment.check_settings(args.tracking_uri, args.dagshub)
 
 
-def _prepare(args: argparse.Namespace) -> dict:
+def prepare(args: argparse.Namespace) -> dict:
     """Checks and work done once before any worker starts: the data scan, the model to start from, the weights'
     download and the hands."""
     _check_environment(args)
     init = _load_init(args) if args.init_from else None
-    roots = ([data_loader.resolve_train_dir(path) for path in args.xtrain_path] if args.xtrain_path
+    roots = ([data_loader.training_folder(path) for path in args.xtrain_path] if args.xtrain_path
              else [data_loader.download_dataset()])
-    rules = [data_loader.SplitRule(args.val_split, args.seed, args.split_by)] * len(roots)
+    rules = [data_loader.SplitRule(args.val_split, args.seed, args.split_by, args.max_per_class or None)] * len(roots)
     if init:
         roots, rules = _fine_tuning_folders(args, init["metadata"], roots)
     images = data_loader.scan_folders(roots, init["metadata"]["classes"] if init else ())
@@ -253,7 +260,7 @@ def _prepare(args: argparse.Namespace) -> dict:
     prepared["load"] = (_crop_loader(args, images, train_idx, found) if found and args.hands == "crop"
                         else image_io.load_rgb)
     if args.cache == "disk":
-        _splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
+        make_splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     return prepared
 
 
@@ -297,7 +304,8 @@ def _fine_tuning_folders(args: argparse.Namespace, meta: dict, roots: list[Path]
     folders missing from --xtrain_path are added as a sample of their training side (data_loader.SplitRule)."""
     recorded = data_loader.recorded_folders(meta)
     own = {Path(root).resolve(): rule for root, rule in recorded}
-    rules = [own.get(root.resolve(), data_loader.SplitRule(args.val_split, args.seed, args.split_by))
+    rules = [own.get(root.resolve(), data_loader.SplitRule(args.val_split, args.seed, args.split_by,
+                                                           args.max_per_class or None))
              for root in roots]
     named = {root.resolve() for root in roots}
     roots = list(roots)
@@ -310,7 +318,7 @@ def _fine_tuning_folders(args: argparse.Namespace, meta: dict, roots: list[Path]
                              "--replay 0 to fine-tune without it (the model may then forget the classes your "
                              "folders lack).")
         roots.append(Path(root))
-        rules.append(dataclasses.replace(rule, per_class=args.replay))
+        rules.append(dataclasses.replace(rule, per_class=args.replay, val_per_class=data_loader.REPLAY_VAL_PER_CLASS))
         log.info("Replaying %d training images per class of %s", args.replay, root)
     return roots, rules
 
@@ -331,7 +339,7 @@ def _find_hands(args: argparse.Namespace, samples: list[data_loader.Sample], num
     return {path: hand for path, hand in zip(paths, found) if hand is not None}
 
 
-def _splits(args: argparse.Namespace, prepared: dict) -> data_loader.Splits:
+def make_splits(args: argparse.Namespace, prepared: dict) -> data_loader.Splits:
     """The train/validation split, read from the decoded-image cache with --cache disk."""
     transform = prepared["transform"]
     splits = data_loader.build_splits(prepared["images"], transform, augment=args.augment, hflip=args.hflip,
@@ -401,7 +409,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
     if threads := _num_threads(args, world_size):
         torch.set_num_threads(threads)
     images: data_loader.ImageList = prepared["images"]
-    splits = _splits(args, prepared)
+    splits = make_splits(args, prepared)
     meta = _metadata(args, prepared, splits)
     save_dir = Path(args.save_dir)
     if rank == 0:
@@ -444,7 +452,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
         log.info("No checkpoint in %s yet: starting from epoch 1", save_dir)
     with tracker or contextlib.nullcontext():  # leaving it logs the results and the (calibrated) best model
         history = trainer.train()
-        hand_net = (_train_hand_net(args, rank, world_size, gpu_id, prepared, splits)
+        hand_net = (train_hand_net(args, rank, world_size, gpu_id, prepared, splits)
                     if prepared["hands"] else None)
         if rank == 0 and (save_dir / "best.pt").exists():
             _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared["hands"], args)
@@ -462,7 +470,7 @@ def _val_loaders(splits: data_loader.Splits, val: Dataset, folders: list[int], b
             for k, name in enumerate(folder_names(splits.roots)) if k in folders}
 
 
-def _hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], augment: bool
+def hand_set(samples: list[data_loader.Sample], found: dict[str, hands.Hand], augment: bool
               ) -> tuple[data_loader.HandDataset, list[str]]:
     """The hands of these samples (those where one was found) and their files, in order."""
     kept = [(path, label) for path, label in samples if path in found]
@@ -485,13 +493,13 @@ def _start_hand_net(init: dict | None, classes: list[str]) -> nn.Module:
     return net
 
 
-def _train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None, prepared: dict,
+def train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id: int | None, prepared: dict,
                     splits: data_loader.Splits) -> nn.Module | None:
     """Train the landmark network on the hands of the training split, validated on the held-out split's hands;
     checkpoints in SAVE_DIR/hand_net, so --resume continues this phase too."""
     found, classes, init = prepared["hands"], prepared["images"].classes, prepared["init"]
-    (train_set, _), (val_set, val_paths) = (_hand_set(splits.train_samples, found, True),
-                                            _hand_set(splits.val_samples, found, False))
+    (train_set, _), (val_set, val_paths) = (hand_set(splits.train_samples, found, True),
+                                            hand_set(splits.val_samples, found, False))
     if not len(train_set) or not len(val_set):
         log.warning("No hand found in the %s images: the model reads the image alone.",
                     "training" if not len(train_set) else "validation")
@@ -531,7 +539,7 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         ckpt["metadata"]["temperature"] = result["temperature"]
         run_artifacts.save_json(result, save_dir / "calibration.json")
     if hand_net is not None:
-        val_set, paths = _hand_set(splits.val_samples, found, False)
+        val_set, paths = hand_set(splits.val_samples, found, False)
         settings = {"hidden": HAND_HIDDEN, "features": hands.N_FEATURES, "min_confidence": hands.MIN_CONFIDENCE,
                     "temperature": 1.0,
                     "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
@@ -599,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ["RANK"]) if torchrun else 0
     _configure_logging(rank)
     try:
-        prepared = _prepare(args)
+        prepared = prepare(args)
         if torchrun:
             run_ddp_worker(rank, int(os.environ["WORLD_SIZE"]), args, prepared)
         elif args.world_size > 1:

@@ -83,6 +83,42 @@ def test_offline_download_fails_with_a_clear_message(monkeypatch):
     assert "grassknoted/asl-alphabet" in str(err.value)
 
 
+def test_kaggle_handles_are_told_from_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    assert dl.is_kaggle_handle("grassknoted/asl-alphabet") and dl.is_kaggle_handle("ayuraj/asl-dataset")
+    assert not dl.is_kaggle_handle("data/mine")  # a folder here wins over a dataset of that name
+    assert not any(map(dl.is_kaggle_handle, ["../shared/asl/train", "a/b/c", "train", "/abs/x", "-x/y"]))
+
+
+def test_a_kaggle_handle_is_downloaded_and_its_class_folder_found(tmp_path, monkeypatch):
+    import kagglehub
+
+    # two layouts seen on Kaggle: the ASL alphabet's (class folders two levels down, flat test images beside
+    # them) and one of lower-case class folders in a folder named twice
+    alphabet = tmp_path / "alphabet"
+    make_image_folder(alphabet / "asl_alphabet_train" / "asl_alphabet_train", per_class=2)
+    (alphabet / "asl_alphabet_test" / "asl_alphabet_test").mkdir(parents=True)
+    shutil.copy(next((alphabet / "asl_alphabet_train" / "asl_alphabet_train" / "A").iterdir()),
+                alphabet / "asl_alphabet_test" / "asl_alphabet_test" / "A_test.jpg")
+    other = tmp_path / "other"
+    make_image_folder(other / "asl_dataset" / "asl_dataset", classes=("a", "b"), per_class=2)
+    asked = []
+    monkeypatch.setattr(kagglehub, "dataset_download",
+                        lambda handle: asked.append(handle) or str(alphabet if "alphabet" in handle else other))
+    assert dl.training_folder("grassknoted/asl-alphabet") == alphabet / "asl_alphabet_train" / "asl_alphabet_train"
+    assert dl.training_folder("ayuraj/asl-dataset") == other / "asl_dataset" / "asl_dataset"
+    assert asked == ["grassknoted/asl-alphabet", "ayuraj/asl-dataset"]
+    images = dl.scan_folders([dl.training_folder("grassknoted/asl-alphabet"), dl.training_folder("ayuraj/asl-dataset")])
+    assert images.classes == ["A", "B", "C"]  # a/ and b/ merged into A and B
+
+
+def test_an_unreachable_kaggle_handle_is_named_in_one_clear_message(monkeypatch):
+    monkeypatch.setenv("KAGGLEHUB_CACHE", "/nonexistent-cache-dir")
+    with pytest.raises(dl.DatasetError, match="'someone/asl-photos'.*internet connection"):
+        dl.training_folder("someone/asl-photos")
+
+
 @pytest.mark.parametrize("split_by", ["random", "block"])
 def test_split_is_stratified_disjoint_and_reproducible(tmp_path, split_by):
     images = dl.scan_image_folder(make_image_folder(tmp_path, classes=("A", "B", "C", "D"), per_class=40, size=8))
@@ -284,12 +320,18 @@ def test_a_replayed_folder_keeps_a_spread_sample_of_its_training_side(tmp_path):
     assert Counter(images.samples[i][1] for i in train) == {0: 5, 1: 5, 2: 5}
     frames = sorted(dl.frame_number(images.samples[i][0]) for i in train if images.samples[i][1] == 0)
     assert frames[-1] - frames[0] > 40  # spread over the class's frames, not its first five
-    assert len(val) == len(full_val)  # fewer than REPLAY_VAL_PER_CLASS held out: all of them
+    assert val == full_val  # a cap on the training side leaves the held-out images as they were
+    _, few_val, _ = dl.split_folders(images, [dl.SplitRule(0.1, seed=0, per_class=5, val_per_class=2)])
+    assert set(few_val) <= set(full_val) and Counter(images.samples[i][1] for i in few_val) == {0: 2, 1: 2, 2: 2}
 
 
 def test_runs_from_before_several_folders_are_read_as_one(tmp_path):
     legacy = {"data_root": "data", "split_by": "block", "args": {"val_split": 0.2, "seed": 3}}
     assert dl.recorded_folders(legacy) == [("data", dl.SplitRule(0.2, 3, "block"))]
     assert dl.recorded_val({"val": ["A/A1.jpg"]}, legacy) == [("data", ["A/A1.jpg"])]
-    now = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4}}]}
-    assert dl.recorded_folders(now) == [("x", dl.SplitRule(0.1, 0, "random", 4))]
+    replayed = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4}}]}
+    # a replay rule from before `val_per_class` held out at most REPLAY_VAL_PER_CLASS images per class
+    assert dl.recorded_folders(replayed) == [("x", dl.SplitRule(0.1, 0, "random", 4, dl.REPLAY_VAL_PER_CLASS))]
+    capped = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4,
+                                                 "val_per_class": None}}]}
+    assert dl.recorded_folders(capped) == [("x", dl.SplitRule(0.1, 0, "random", 4))]

@@ -85,6 +85,12 @@ def test_metrics_match_scikit_learn_on_known_predictions():
         ("a", "b", 1, 0.25), ("a", "e", 1, 0.25), ("b", "e", 1, pytest.approx(1 / 3)), ("c", "a", 1, 0.5)]
     assert scores.confusion.shape == (5, 5) and scores.confusion[:, 4].sum() == 2
     assert scores.report["accuracy"] == pytest.approx(0.6) and "accuracy" in scores.report_text
+    # below 0.7 recall, worst first: a (2 of 4: one read as b, one as e) and b (2 of 3) and c (1 of 2)
+    assert m["weak_classes"] == [
+        {"class": "a", "recall": 0.5, "read_as": [{"class": "b", "share": 0.25}, {"class": "e", "share": 0.25}]},
+        {"class": "c", "recall": 0.5, "read_as": [{"class": "a", "share": 0.5}]},
+        {"class": "b", "recall": pytest.approx(2 / 3), "read_as": [{"class": "e", "share": pytest.approx(1 / 3)}]}]
+    assert evaluate.read_as_text(m["weak_classes"][0]) == "a 0.50 (read as b 25%, e 25%)"
     json.dumps(m, allow_nan=False)
 
 
@@ -442,7 +448,13 @@ def test_a_hand_aware_model_is_evaluated_with_its_hands(hand_run, tmp_path):
     found = evaluate.find_hands(predict.load_predictor(hand_run), [(str(p), 0) for p in sorted(data.rglob("*.jpg"))])
     assert metrics["hands"]["found_share"] == pytest.approx(np.mean([h is not None for h in found]))
     assert 0 < metrics["hands"]["n_with_hand"] <= 15 and 0 <= metrics["trust"]["coverage"] <= 1
-    assert "## Hands and trust" in (out / "report.md").read_text() and "hand found in" in stdout
+    md = (out / "report.md").read_text()
+    assert "## Hands and trust" in md and "hand found in" in stdout
+    # the letters it gets wrong on this person are named, with what they are read as, in the report and the summary
+    weak = {w["class"]: w for w in metrics["weak_classes"]}
+    assert set(weak) == {c for c, row in metrics["per_class"].items() if row["recall"] < evaluate.WEAK_RECALL}
+    for w in weak.values():
+        assert f"| {w['class']} | {w['recall']:.2f} |" in md and evaluate.read_as_text(w) in stdout
     # evaluation reads each image as the app does: for this crop model, the square around the hand it found
     predictor = predict.load_predictor(hand_run)
     assert predictor.crop_margin

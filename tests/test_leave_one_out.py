@@ -1,0 +1,106 @@
+"""leave_one_out: each folder scored by a model trained on the others; the table; continuing a killed run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import leave_one_out
+import pt_train
+from conftest import SHARED_ASL, make_image_folder
+
+FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment",
+        "--total_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def signers(tmp_path_factory):
+    """Three tiny 'signers': the same three classes, each folder drawn with its own noise."""
+    root = tmp_path_factory.mktemp("signers")
+    return [make_image_folder(root / name, per_class=6, seed=seed) for seed, name in enumerate(("ann", "bo", "cy"))]
+
+
+@pytest.fixture(scope="module")
+def table(signers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loso") / "out"
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(out), *FAST]) == 0
+    return out
+
+
+def test_each_folder_is_scored_by_a_model_that_never_saw_it(table, signers):
+    rows = json.loads((table / "table.json").read_text())
+    assert list(rows) == ["ann", "bo", "cy"]
+    for name, folder in zip(rows, signers):
+        config = json.loads((table / name / "run" / "config.json").read_text())
+        assert [f["root"] for f in config["folders"]] == [str(s) for s in signers if s != folder]
+        metrics = json.loads((table / name / "report" / "metrics.json").read_text())
+        assert metrics["n_images"] == rows[name]["images"] == 18  # the whole folder left out, not a split of it
+        assert rows[name]["accuracy"] == metrics["accuracy"] and rows[name]["ece"] == metrics["trust"]["ece"]
+        assert str(folder) in metrics["dataset"]["description"]
+
+
+def test_the_table_has_a_row_per_folder_and_their_mean(table):
+    rows = json.loads((table / "table.json").read_text())
+    md = (table / "table.md").read_text().splitlines()
+    body = [line for line in md if line.startswith("| ")][1:]  # below the header
+    assert [line.split(" | ")[0] for line in body] == ["| ann", "| bo", "| cy", "| **mean**"]
+    mean_accuracy = sum(row["accuracy"] for row in rows.values()) / 3
+    assert f"{mean_accuracy:.4f}" in body[-1]
+
+
+def test_a_second_call_keeps_the_folds_already_scored(table, signers, monkeypatch):
+    def no_training(argv):
+        raise AssertionError("a scored fold was trained again")
+
+    monkeypatch.setattr(pt_train, "main", no_training)
+    before = (table / "table.json").read_text()
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(table), "--folds", "bo",
+                               *FAST]) == 0
+    assert (table / "table.json").read_text() == before
+
+
+def test_a_fold_that_was_killed_resumes_from_its_checkpoint(signers, tmp_path):
+    run = tmp_path / "out" / "ann" / "run"
+    assert pt_train.main([*FAST, "--xtrain_path", *map(str, signers[1:]), "--save_dir", str(run)]) == 0
+    argv = leave_one_out.fold_argv(FAST, signers[1:], run)
+    assert argv[-1] == "--resume"
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(tmp_path / "out"),
+                               "--folds", "ann", *FAST]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1]  # the finished epoch was not trained again
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--folds", "dee"], "--folds dee: not among the training folders (ann, bo, cy)"),
+    (["--hands_only", "--hands", "none"], "--hands_only trains the landmark network"),
+])
+def test_bad_input_exits_2_with_one_clear_line(signers, tmp_path, capsys, extra, message):
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(tmp_path), *extra, *FAST]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_folder_cannot_be_left_out_of_itself(signers, tmp_path, capsys):
+    assert leave_one_out.main(["--xtrain_path", str(signers[0]), "--out_dir", str(tmp_path), *FAST]) == 2
+    assert "at least two training folders" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHARED_ASL.is_dir(), reason="real ASL images (../shared/asl) not present")
+def test_hands_only_scores_the_landmark_network_on_the_hands_of_the_folder_left_out(tmp_path):
+    folders = []
+    for k, source in enumerate((SHARED_ASL / "train", SHARED_ASL / "external")):
+        folder = tmp_path / f"signer{k}"
+        for name in ("A", "B", "L"):
+            (folder / name).mkdir(parents=True)
+            for path in sorted(source.joinpath(name).iterdir())[:12]:
+                shutil.copy(path, folder / name)
+        folders.append(folder)
+    out = tmp_path / "out"
+    assert leave_one_out.main(["--xtrain_path", *map(str, folders), "--out_dir", str(out), "--hands_only",
+                               "--hand_epochs", "5", *FAST]) == 0
+    rows = json.loads((out / "table.json").read_text())
+    for name in ("signer0", "signer1"):
+        row = rows[name]
+        assert row["images"] == 36 and 0.5 < row["hand_found"] <= 1 and 0 <= row["accuracy"] <= 1
+        assert not (out / name / "run" / "best.pt").exists()  # no image network was trained
+        assert (out / name / "run" / "hand_net" / "best.pt").is_file()
