@@ -404,14 +404,15 @@ def show_model(source: str, device: str, predictor: predict.Predictor) -> None:
         st.write(", ".join(predictor.classes))
 
 
-def read_settings() -> tuple[float, bool, bool]:
+def read_settings(default_threshold: float) -> tuple[float, bool, bool]:
     """Read mode's settings; returns (confidence threshold, show Grad-CAM, mirror the image)."""
     with st.sidebar:
         st.header("Settings")
-        threshold = st.slider("Confidence threshold", 0.0, 1.0, predict.DEFAULT_THRESHOLD, predict.THRESHOLD_STEP,
-                              help="Below this probability the app says it is unsure instead of guessing. "
-                                   "`evaluate.py` on a folder of your photos reports what each setting buys: "
-                                   "how many it answers and how often rightly.")
+        threshold = st.slider("Confidence threshold", 0.0, 1.0, default_threshold, predict.THRESHOLD_STEP,
+                              help="Below this probability the app says it is unsure instead of guessing. Its "
+                                   "default is the model's own, fitted on people it did not train on where it was "
+                                   "calibrated on them. `evaluate.py` on a folder of your photos reports what each "
+                                   "setting buys: how many it answers and how often rightly.")
         explain = st.toggle("Show where the model looked (Grad-CAM)", value=False)
         # a model trained on one signer's hand reads the other hand's signs poorly unless trained with --hflip
         mirror = st.toggle("Mirror the image (signing with the other hand)", value=False,
@@ -617,7 +618,7 @@ def page() -> None:
     if mode == TEACH:
         teach(cfg, source, predictor.classes)
         return
-    threshold, explain, mirror = read_settings()
+    threshold, explain, mirror = read_settings(predictor.threshold)
     chosen = choose_input(cfg)
     if chosen is None:
         return

@@ -75,7 +75,11 @@ def calibrate(model: torch.nn.Module, loader, device: torch.device | str = "cpu"
     which does not always lower ECE (an under-confident model trained with label smoothing, a tiny validation
     set); then the temperature stays 1.
     """
-    logits, targets = collect_logits(model, loader, device)
+    return calibrate_logits(*collect_logits(model, loader, device), groups)
+
+
+def calibrate_logits(logits: torch.Tensor, targets: torch.Tensor, groups: Sequence[Hashable] | None = None) -> dict:
+    """`calibrate` on logits already collected."""
     fold = cross_fit_folds(len(targets), groups)
     ece_before = expected_calibration_error(logits, targets)
     if fold.all() or not fold.any():  # one group only: nothing to measure a fitted temperature on

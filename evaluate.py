@@ -62,8 +62,6 @@ N_CONFUSED_PAIRS = 10
 N_WORST = 16
 # the letters the report names as still read wrong: recall below this, each with what it is read as instead
 WEAK_RECALL = 0.7
-# the settings of the app's confidence slider, 0 to 1: what each would answer, and how well
-THRESHOLD_STEPS = tuple(round(i * predict.THRESHOLD_STEP, 2) for i in range(round(1 / predict.THRESHOLD_STEP) + 1))
 DPI = 110
 
 
@@ -78,9 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
     p.add_argument("--samples", type=int, default=12, help="random images shown with predictions in samples.png")
     p.add_argument("--seed", type=int, default=0, help="seed of --max_per_class and --samples")
-    p.add_argument("--threshold", type=float, default=predict.DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=float, default=None,
                    help="the app's confidence threshold, for the share of images it would answer and how often "
-                        "rightly (the 'trust' figures)")
+                        "rightly (the 'trust' figures); default: the model's own (see pt_train.py "
+                        "--calibration_path), else the app's default")
     p.add_argument("--mirror", action="store_true",
                    help="mirror every image left-right before scoring: how the model reads signers of the other "
                         "hand (or a mirrored camera)")
@@ -278,21 +277,16 @@ def hand_and_trust_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             same = np.array([a is True for a in agreed])
             metrics["hands"].update(agreed_share=float(same.sum() / max(1, has.sum())),
                                     accuracy_agreed=share(same), accuracy_disagreed=share(has & ~same))
-    rows = [torch.from_numpy(row) for row in probs]
-
-    def answered(at: float) -> np.ndarray:
-        return np.array([predict.decide(classes, row, None if found is None else found[i] is not None, at,
-                                        None if agreed is None else agreed[i]).answered
-                         for i, row in enumerate(rows)])
+    rows = torch.from_numpy(probs)
+    hand_found = None if found is None else [hand is not None for hand in found]
 
     def trust(at: float) -> dict:
-        chosen = answered(at)
-        return {"threshold": at, "coverage": float(chosen.mean()), "accuracy_when_answered": share(chosen)}
+        return predict.trust(classes, rows, y_true.tolist(), hand_found, agreed, at)
 
     logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
     metrics["trust"] = {**trust(threshold),
                         "ece": calibration.expected_calibration_error(logits, torch.from_numpy(y_true)),
-                        "by_threshold": [trust(at) for at in THRESHOLD_STEPS]}
+                        "by_threshold": [trust(at) for at in predict.THRESHOLD_STEPS]}
     return metrics
 
 
@@ -750,7 +744,8 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
         probs = pooled.numpy()
     y_true = np.array([label for _, label in scored])
     scores = compute_metrics(y_true, probs, predictor.classes)
-    scores.metrics.update(hand_and_trust_metrics(y_true, probs, predictor.classes, found, args.threshold, agreed))
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    scores.metrics.update(hand_and_trust_metrics(y_true, probs, predictor.classes, found, threshold, agreed))
     if scores.metrics["classes_absent"]:
         data.notes.append(f"Model classes absent from the data: {', '.join(scores.metrics['classes_absent'])}. "
                           "Per-class and macro scores cover the classes present; predicting an absent class still "

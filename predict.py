@@ -49,6 +49,10 @@ BACKENDS = ("torch", "onnx")
 # evaluate.py reports how often the app would answer at it, and how often rightly, and so at every step of the slider.
 DEFAULT_THRESHOLD = 0.5
 THRESHOLD_STEP = 0.05
+THRESHOLD_STEPS = tuple(round(i * THRESHOLD_STEP, 2) for i in range(round(1 / THRESHOLD_STEP) + 1))
+# The share of its answers the app should get right. A model calibrated on people it did not train on
+# (pt_train.py --calibration_path) records the lowest threshold that reached it on them as its own default.
+ANSWER_PRECISION = 0.97
 NO_SIGN = "nothing"  # the class of the Kaggle dataset for "no hand in view"
 HAND_NET_ARTIFACT = "hand_net.pt"  # a hand-aware model's landmark network, beside its logged MLflow model
 
@@ -153,6 +157,25 @@ def decide(classes: Sequence[str], probs: torch.Tensor, hand_found: bool | None,
                    hand_found is False or label == NO_SIGN, agreed is False)
 
 
+def trust(classes: Sequence[str], probs: torch.Tensor, targets: Sequence[int],
+          hand_found: Sequence[bool | None] | None, agreed: Sequence[bool | None] | None, threshold: float) -> dict:
+    """What the app would do at `threshold` on labelled images: the share it answers (`decide`) and how often those
+    answers are right (None when it answers none). `hand_found` None for a model that does not look for hands."""
+    answered = [decide(classes, row, None if hand_found is None else hand_found[i], threshold,
+                       None if agreed is None else agreed[i]).answered for i, row in enumerate(probs)]
+    right = [int(row.argmax()) == int(target) for row, target, a in zip(probs, targets, answered) if a]
+    return {"threshold": threshold, "coverage": sum(answered) / max(1, len(answered)),
+            "accuracy_when_answered": sum(right) / len(right) if right else None}
+
+
+def fit_threshold(by_threshold: Sequence[dict], precision: float = ANSWER_PRECISION) -> float | None:
+    """The lowest threshold (of `trust` rows, one per step) whose answers are right at least `precision` of the
+    time, or None where no step reaches it."""
+    reached = [row["threshold"] for row in by_threshold
+               if row["accuracy_when_answered"] is not None and row["accuracy_when_answered"] >= precision]
+    return min(reached, default=None)
+
+
 def pool(*probs: torch.Tensor) -> torch.Tensor:
     """Several models' class probabilities as one: their geometric mean, renormalised (a product of experts). A
     class must be likely to every model to stay likely, so one model's confident mistake is outvoted where another
@@ -183,6 +206,12 @@ class Predictor:
     @property
     def uses_hands(self) -> bool:
         return self.hand_net is not None
+
+    @property
+    def threshold(self) -> float:
+        """The app's default confidence threshold for this model: fitted on people it did not train on where it
+        was calibrated on them, else DEFAULT_THRESHOLD."""
+        return self.metadata.get("threshold", DEFAULT_THRESHOLD)
 
     @cached_property
     def finder(self) -> hands.HandFinder:

@@ -140,7 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--patience", type=int, default=3, help="epochs without val-loss improvement before stopping")
     optim.add_argument("--seed", type=int, default=42)
     optim.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                       help="fit a softmax temperature on the validation set after training (stored in best.pt)")
+                       help="fit each network's softmax temperature after training (stored in best.pt): on "
+                            "--calibration_path where given, else on the validation split")
+    optim.add_argument("--calibration_path", nargs="+", metavar="FOLDER",
+                       help="folder(s) of class sub-folders of people the model does not train on: both networks' "
+                            "temperatures and the app's default threshold (the lowest at which its answers are "
+                            f"right {predict.ANSWER_PRECISION:.0%} of the time) are fitted on them, so that they "
+                            "hold for a new person, which the training people's held-out images overstate "
+                            "(README, 'Other people's hands')")
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default="runs/latest")
     run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")
@@ -256,12 +263,38 @@ def prepare(args: argparse.Namespace) -> dict:
     used = [images.samples[i] for i in sorted(train_idx + val_idx)]
     found = _find_hands(args, used, len(images.classes)) if args.hands != "none" else None
     prepared["hands"] = found
+    prepared["calibration"] = _calibration_set(args, images) if args.calibrate else None
     # a crop model's image network reads the square around each hand, in training as in serving
     prepared["load"] = (_crop_loader(args, images, train_idx, found) if found and args.hands == "crop"
                         else image_io.load_rgb)
     if args.cache == "disk":
         make_splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     return prepared
+
+
+def _calibration_set(args: argparse.Namespace, images: data_loader.ImageList) -> dict | None:
+    """The --calibration_path images, labelled with the training classes, and the hand found in each (None
+    without --calibration_path)."""
+    if not args.calibration_path:
+        return None
+    roots = [data_loader.training_folder(path) for path in args.calibration_path]
+    shared = sorted(str(root) for root in roots if root.resolve() in {Path(r).resolve() for r in images.roots})
+    if shared:
+        raise UsageError(f"--calibration_path {', '.join(shared)} is also a training folder: calibrate on people the "
+                         "model does not train on, so name each folder in one of the two options.")
+    calibration_images = data_loader.scan_folders(roots, images.classes)
+    unknown = calibration_images.classes[len(images.classes):]
+    if unknown:
+        raise UsageError(f"--calibration_path holds class(es) the training folders lack: {', '.join(unknown)}. "
+                         "Remove those folders, or add training images of them.")
+    found = None
+    if args.hands != "none":
+        with hands.HandFinder(args.hand_model) as finder:
+            found = hands.find_hands([path for path, _ in calibration_images.samples], finder, image_io.load_rgb,
+                                     workers=max(1, args.num_workers))
+    log.info("Calibrating on %d images of %s (not trained on)", len(calibration_images.samples),
+             ", ".join(folder_names(calibration_images.roots)))
+    return {"images": calibration_images, "found": found}
 
 
 def _crop_loader(args: argparse.Namespace, images: data_loader.ImageList, train_idx: list[int],
@@ -455,7 +488,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
         hand_net = (train_hand_net(args, rank, world_size, gpu_id, prepared, splits)
                     if prepared["hands"] else None)
         if rank == 0 and (save_dir / "best.pt").exists():
-            _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared["hands"], args)
+            _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared, args)
     return history
 
 
@@ -527,39 +560,81 @@ def train_hand_net(args: argparse.Namespace, rank: int, world_size: int, gpu_id:
 
 
 def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, splits: data_loader.Splits,
-                 found: dict[str, hands.Hand] | None, args: argparse.Namespace) -> None:
+                 prepared: dict, args: argparse.Namespace) -> None:
     """best.pt as served: the image network's best weights, with the landmark network beside them for a
-    hand-aware model, each with the softmax temperature calibrated on the validation split (with --calibrate)."""
+    hand-aware model, each with its softmax temperature (with --calibrate) fitted on --calibration_path, people
+    the model did not train on, where given (with the app's threshold), else on the validation split."""
     ckpt = run_artifacts.load_checkpoint(save_dir / "best.pt")
     net.load_state_dict(ckpt["model"])
-    block = {path: b for (path, _), b in zip(splits.val_samples, splits.val_blocks)}
-    if args.calibrate:
-        loader = data_loader.make_loader(splits.val, args.batch_size, train=False, num_workers=args.num_workers)
-        result = _calibrate(net, loader, [block[path] for path, _ in splits.val.samples], "image network")
-        ckpt["metadata"]["temperature"] = result["temperature"]
-        run_artifacts.save_json(result, save_dir / "calibration.json")
+    meta, found = ckpt["metadata"], prepared["hands"]
     if hand_net is not None:
-        val_set, paths = hand_set(splits.val_samples, found, False)
-        settings = {"hidden": HAND_HIDDEN, "features": hands.N_FEATURES, "min_confidence": hands.MIN_CONFIDENCE,
-                    "temperature": 1.0,
-                    "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
-                    "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
-        if args.calibrate:
-            loader = data_loader.make_loader(val_set, 4 * HAND_BATCH_SIZE, train=False)
-            result = _calibrate(hand_net, loader, [block[path] for path in paths], "landmark network")
-            settings["temperature"] = result["temperature"]
-            run_artifacts.save_json(result, save_dir / "hand_net" / "calibration.json")
+        meta["hands"] = {"hidden": HAND_HIDDEN, "features": hands.N_FEATURES, "min_confidence": hands.MIN_CONFIDENCE,
+                         "temperature": 1.0,
+                         "found_share_train": len(found) / (len(splits.train_samples) + len(splits.val_samples)),
+                         "crop": hands.CROP_MARGIN if args.hands == "crop" else None}
         ckpt["hand_net"] = {k: v.cpu() for k, v in hand_net.state_dict().items()}
-        ckpt["metadata"]["hands"] = settings
+    if args.calibrate:
+        people = prepared["calibration"]
+        samples, hands_found, blocks, where = (
+            (people["images"].samples, people["found"], data_loader.block_ids(people["images"].samples),
+             "images of people it did not train on") if people else
+            (splits.val_samples, [found.get(path) for path, _ in splits.val_samples] if found else None,
+             splits.val_blocks, "validation images"))
+        # the images as served: a crop model reads the square around each hand found
+        load = (hands.CropLoader.of([path for path, _ in samples], hands_found, hands.CROP_MARGIN)
+                if args.hands == "crop" and hands_found else image_io.load_rgb)
+        loader = data_loader.make_loader(data_loader.ImageDataset(samples, data_loader.eval_transform(meta["transform"]),
+                                                                  load), args.batch_size, train=False,
+                                         num_workers=args.num_workers)
+        logits, targets = calibration.collect_logits(net, loader, next(net.parameters()).device)
+        result = _calibrated(calibration.calibrate_logits(logits, targets, blocks), "image network", where)
+        meta["temperature"] = result["temperature"]
+        run_artifacts.save_json(result, save_dir / "calibration.json")
+        if hand_net is not None:
+            rows = [i for i, hand in enumerate(hands_found) if hand is not None]
+            hand_logits, hand_targets = calibration.collect_logits(hand_net, data_loader.make_loader(
+                data_loader.HandDataset([hands_found[i] for i in rows], [samples[i][1] for i in rows], False),
+                4 * HAND_BATCH_SIZE, train=False))
+            result = _calibrated(calibration.calibrate_logits(hand_logits, hand_targets, [blocks[i] for i in rows]),
+                                 "landmark network", where)
+            meta["hands"]["temperature"] = result["temperature"]
+            run_artifacts.save_json(result, save_dir / "hand_net" / "calibration.json")
+        meta["calibrated_on"] = people["images"].roots if people else "validation split"
+        if people:
+            meta["threshold"] = _fit_threshold(net, hand_net, meta, logits, targets, hands_found, save_dir)
     run_artifacts.save_checkpoint(ckpt, save_dir / "best.pt")
 
 
-def _calibrate(net: nn.Module, loader, groups: list[int], what: str) -> dict:
-    """Fit a softmax temperature for `net` on the validation set; cross-fitting keeps each held-out run of
-    frames in one fold (its frames are near-duplicates)."""
-    result = calibration.calibrate(net, loader, next(net.parameters()).device, groups)
-    log.info("Calibration of the %s on %d validation images: ECE %.4f, %.4f with a fitted temperature "
-             "(cross-fitted); temperature %.3f %s", what, result["n_images"], result["ece_before"],
+def _fit_threshold(net: nn.Module, hand_net: nn.Module | None, meta: dict, logits: torch.Tensor,
+                   targets: torch.Tensor, found: list[hands.Hand | None] | None, save_dir: Path) -> float:
+    """The app's default threshold for this model: the lowest step of its slider at which the answers the app
+    would give the calibration people (`predict.decide`, the networks pooled as served) are right
+    ANSWER_PRECISION of the time; DEFAULT_THRESHOLD, with a warning, where no step reaches that."""
+    predictor = predict.Predictor(net, meta["classes"], meta["transform"], metadata=meta, hand_net=hand_net)
+    probs, agreed = predictor.combine(torch.softmax(logits / meta["temperature"], dim=1),
+                                      found or [None] * len(targets))
+    hand_found = [hand is not None for hand in found] if found else None
+    steps = [predict.trust(meta["classes"], probs, targets.tolist(), hand_found, agreed, at)
+             for at in predict.THRESHOLD_STEPS]
+    threshold = predict.fit_threshold(steps)
+    chosen = predict.DEFAULT_THRESHOLD if threshold is None else threshold
+    row = next(step for step in steps if step["threshold"] == chosen)
+    if threshold is None:
+        log.warning("No threshold makes the app's answers right %.0f%% of the time on the calibration people; the "
+                    "app keeps its default, %.2f.", 100 * predict.ANSWER_PRECISION, chosen)
+    log.info("The app's threshold: %.2f (on the calibration people it answers %.1f%% of the images, right on %s of "
+             "its answers)", chosen, 100 * row["coverage"],
+             "none" if row["accuracy_when_answered"] is None else f"{row['accuracy_when_answered']:.1%}")
+    run_artifacts.save_json({"threshold": chosen, "precision_wanted": predict.ANSWER_PRECISION, "reached":
+                             threshold is not None, "by_threshold": steps}, save_dir / "threshold.json")
+    return chosen
+
+
+def _calibrated(result: dict, what: str, where: str) -> dict:
+    """`result` (calibration.calibrate's), logged. Cross-fitting keeps each run of near-duplicate frames in one
+    fold."""
+    log.info("Calibration of the %s on %d %s: ECE %.4f, %.4f with a fitted temperature (cross-fitted); "
+             "temperature %.3f %s", what, result["n_images"], where, result["ece_before"],
              result["ece_after_cross_fitted"], result["temperature"],
              "applied" if result["applied"] else "not applied (no gain)")
     return result

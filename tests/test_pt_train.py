@@ -334,6 +334,63 @@ def test_fine_tuning_a_crop_model_keeps_reading_the_hand_s_square(hand_run, tmp_
     assert predict.load_predictor(out).crop_margin == hands.CROP_MARGIN
 
 
+@pytest.fixture(scope="module")
+def people(tmp_path_factory) -> tuple[Path, Path]:
+    """Kaggle frames to train on and another person's photos to calibrate on, letters A, B and L."""
+    if not SHARED_ASL.is_dir():
+        pytest.skip("real ASL images (../shared/asl) not present")
+    root = tmp_path_factory.mktemp("people")
+    for folder, source, step in (("kaggle", "train", 30), ("other", "external", 15)):
+        for name in HAND_CLASSES:
+            (root / folder / name).mkdir(parents=True)
+            for path in sorted(SHARED_ASL.joinpath(source, name).iterdir(), key=data_loader.frame_number)[:200:step]:
+                shutil.copy(path, root / folder / name)
+    return root / "kaggle", root / "other"
+
+
+@pytest.mark.slow
+def test_calibration_on_people_not_trained_on_fits_the_temperatures_and_the_app_s_threshold(people, tmp_path):
+    kaggle, other = people
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", str(kaggle), "--calibration_path", str(other), "--save_dir", str(out),
+                          "--arch", "efficientnet_lite0", "--img_size", "64", "--total_epochs", "1",
+                          "--hand_epochs", "8", "--batch_size", "16", "--num_workers", "0"]) == 0
+    n_other = sum(1 for _ in other.rglob("*.jpg"))
+    assert json.loads((out / "calibration.json").read_text())["n_images"] == n_other  # all of them, none trained on
+    assert "other" not in json.dumps(json.loads((out / "split.json").read_text()))
+    fitted = json.loads((out / "threshold.json").read_text())
+    predictor = predict.load_predictor(out)
+    assert predictor.metadata["calibrated_on"] == [str(other)]
+    assert predictor.threshold == fitted["threshold"] in predict.THRESHOLD_STEPS
+    assert fitted["reached"] == (predict.fit_threshold(fitted["by_threshold"]) == fitted["threshold"])
+    # the threshold was fitted on the answers the model gives as served: read the photos again, as the app does
+    samples = data_loader.scan_folders([other], predictor.classes).samples
+    readings = predictor.read([image_io.load_rgb(path) for path, _ in samples])
+    served = predict.trust(predictor.classes, torch.stack([r.probs for r in readings]), [label for _, label in samples],
+                           [r.hand is not None for r in readings], [r.agreed for r in readings], predictor.threshold)
+    recorded = next(row for row in fitted["by_threshold"] if row["threshold"] == predictor.threshold)
+    assert served["coverage"] == pytest.approx(recorded["coverage"])
+    assert served["accuracy_when_answered"] == pytest.approx(recorded["accuracy_when_answered"])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("training", "is also a training folder"),
+    ("unknown", "holds class(es) the training folders lack: Q"),
+])
+def test_calibration_folders_that_cannot_be_used_are_explained(two_folders, tmp_path, capsys, where, message):
+    folder = two_folders[0] if where == "training" else make_image_folder(tmp_path / "q", classes=("A", "Q"),
+                                                                          per_class=2)
+    assert pt_train.main(["--xtrain_path", str(two_folders[0]), "--calibration_path", str(folder),
+                          "--save_dir", str(tmp_path / "run"), *FAST]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_calibration_people_the_model_keeps_the_app_s_default_threshold(trained_run):
+    predictor = predict.load_predictor(trained_run)
+    assert "threshold" not in predictor.metadata and predictor.threshold == predict.DEFAULT_THRESHOLD
+    assert predictor.metadata["calibrated_on"] == "validation split"
+
+
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
 def test_a_crop_model_reads_a_seeded_share_of_its_training_images_whole(share):
     samples = [(f"/data/A/{n}.jpg", 0) for n in range(400)]
