@@ -52,28 +52,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--out_dir", default="reports/leave_one_out", help="runs, reports and the table go here")
     p.add_argument("--folds", nargs="+", metavar="NAME",
                    help="leave out only these folders (by name, as in the table); default: each in turn")
+    p.add_argument("--calibrate_on", nargs="+", metavar="NAME", default=[],
+                   help="calibrate each fold's model on the first of these folders that is not the one left out, "
+                        "and train it on the others (pt_train.py --calibration_path): the recipe that holds one "
+                        "person out for calibration, measured")
     p.add_argument("--hands_only", action="store_true",
                    help="train and score the landmark network alone (the hand search's cache makes it quick)")
     return p.parse_known_args(argv)
 
 
-def fold_names(roots: list[Path], wanted: list[str] | None) -> list[str]:
-    """The names of the folders to leave out (pt_train.folder_names: the folder's own name, numbered where two
-    are alike), all of them without `wanted`; a UsageError naming the choices for a name that is not one."""
-    names = pt_train.folder_names([str(root) for root in roots])
-    unknown = sorted(set(wanted or ()) - set(names))
+def check_names(names: list[str], option: str, given: list[str] | None) -> None:
+    """A UsageError naming the choices where `given` (folder names passed with `option`) are not all `names`."""
+    unknown = sorted(set(given or ()) - set(names))
     if unknown:
-        raise UsageError(f"--folds {' '.join(unknown)}: not among the training folders ({', '.join(names)}).")
-    if len(roots) < 2:
-        raise UsageError("Leaving one folder out needs at least two training folders in --xtrain_path.")
-    return [name for name in names if not wanted or name in wanted]
+        raise UsageError(f"{option} {' '.join(unknown)}: not among the training folders ({', '.join(names)}).")
 
 
-def fold_argv(train_argv: list[str], others: list[Path], run_dir: Path) -> list[str]:
-    """pt_train.py's arguments for one fold: the user's, the other folders, the fold's run folder, and --resume
-    where an earlier attempt left a checkpoint."""
+def fold_argv(train_argv: list[str], others: list[Path], run_dir: Path, calibrate_on: Path | None = None
+              ) -> list[str]:
+    """pt_train.py's arguments for one fold: the user's, the other folders (but the one calibrated on), the fold's
+    run folder, and --resume where an earlier attempt left a checkpoint."""
     resume = ["--resume"] if (run_dir / "last.pt").is_file() and "--resume" not in train_argv else []
-    return [*train_argv, "--xtrain_path", *map(str, others), "--save_dir", str(run_dir), *resume]
+    calibration = ["--calibration_path", str(calibrate_on)] if calibrate_on else []
+    return [*train_argv, "--xtrain_path", *(str(root) for root in others if root != calibrate_on), *calibration,
+            "--save_dir", str(run_dir), *resume]
 
 
 def full_fold(name: str, left_out: Path, argv: list[str], fold_dir: Path) -> dict:
@@ -153,18 +155,29 @@ def table_markdown(rows: dict[str, dict], hands_only: bool) -> str:
 def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
     """Every fold not yet scored, then the table of every fold scored in OUT_DIR."""
     pt_train.parse_args([*train_argv, "--xtrain_path", "."])  # pt_train's own errors before any training
+    if "--calibration_path" in train_argv:
+        raise UsageError("Name the folders to calibrate on with --calibrate_on (folder names, as in the table): each "
+                         "fold then calibrates on one of them that it does not leave out.")
     roots = [data_loader.training_folder(source) for source in args.xtrain_path]
-    names = fold_names(roots, args.folds)
     all_names = pt_train.folder_names([str(root) for root in roots])
+    check_names(all_names, "--folds", args.folds)
+    check_names(all_names, "--calibrate_on", args.calibrate_on)
+    if len(roots) < 2 + bool(args.calibrate_on):
+        raise UsageError("Leaving one folder out needs at least two training folders in --xtrain_path, and one more "
+                         "to calibrate on with --calibrate_on.")
     out_dir = Path(args.out_dir)
-    for name in names:
+    for name in [name for name in all_names if not args.folds or name in args.folds]:
         k = all_names.index(name)
         fold_dir = out_dir / name
         if (fold_dir / ROW_FILE).is_file():
             log.info("Left out %s: scored already (%s)", name, fold_dir / ROW_FILE)
             continue
-        log.info("Leaving out %s: training on the %d other folder(s)", name, len(roots) - 1)
-        argv = fold_argv(train_argv, [root for i, root in enumerate(roots) if i != k], fold_dir / "run")
+        calibrate_on = next((roots[all_names.index(c)] for c in args.calibrate_on if c != name), None)
+        if args.calibrate_on and calibrate_on is None:
+            raise UsageError(f"--calibrate_on names only '{name}', the folder left out: name another to calibrate on.")
+        log.info("Leaving out %s: training on the other folders%s", name,
+                 f", calibrating on {all_names[roots.index(calibrate_on)]}" if calibrate_on else "")
+        argv = fold_argv(train_argv, [root for i, root in enumerate(roots) if i != k], fold_dir / "run", calibrate_on)
         row = hands_only_fold(roots[k], argv) if args.hands_only else full_fold(name, roots[k], argv, fold_dir)
         fold_dir.mkdir(parents=True, exist_ok=True)
         run_artifacts.save_json(row, fold_dir / ROW_FILE)

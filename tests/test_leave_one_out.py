@@ -71,8 +71,21 @@ def test_a_fold_that_was_killed_resumes_from_its_checkpoint(signers, tmp_path):
     assert [record["epoch"] for record in history] == [1]  # the finished epoch was not trained again
 
 
+def test_each_fold_calibrates_on_another_person_than_the_one_left_out(signers):
+    cal_on = [signers[2], signers[0]]  # the recipe: hold out "cy" to calibrate on, "ann" where "cy" is left out
+    for left_out, calibrated in ((signers[0], signers[2]), (signers[2], signers[0])):
+        others = [s for s in signers if s != left_out]
+        argv = leave_one_out.fold_argv(FAST, others, left_out / "run", next(c for c in cal_on if c != left_out))
+        args = pt_train.parse_args(argv)
+        assert args.calibration_path == [str(calibrated)]
+        assert args.xtrain_path == [str(s) for s in others if s != calibrated]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--folds", "dee"], "--folds dee: not among the training folders (ann, bo, cy)"),
+    (["--calibrate_on", "dee"], "--calibrate_on dee: not among the training folders"),
+    (["--calibrate_on", "ann", "--folds", "ann"], "--calibrate_on names only 'ann', the folder left out"),
+    (["--calibration_path", "x"], "Name the folders to calibrate on with --calibrate_on"),
     (["--hands_only", "--hands", "none"], "--hands_only trains the landmark network"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(signers, tmp_path, capsys, extra, message):
