@@ -12,8 +12,9 @@ it may hold a subset of the model's classes. Predictions always take the argmax 
 Writes into --out_dir: report.md (everything on one page), metrics.json, classification_report.txt/.json,
 predictions.csv and the figures confusion_matrix.png, confusion_matrix_normalized.png, pr_curves.png,
 roc_curves.png, training_curves.png, trust_by_threshold.png (what the app's confidence threshold buys: the
-share it answers and how often it is right), misclassified.png and samples.png. Exit code 2 means a problem with
-the input, explained in one line.
+share it answers and how often it is right), misclassified.png and samples.png. A training folder's model (the
+folder, or its best.pt) also gets the headline figures in its MODEL_CARD.md, a section per data set (model_card.py).
+Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import calibration
 import data_loader
 import hands
 import image_io
+import model_card
 import predict
 import run_artifacts
 from data_loader import DatasetError, Sample
@@ -726,6 +728,11 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     history = _run_file(run_dir, "history.json") or predictor.history
     ev = Evaluation(str(source), predictor, data, scored, probs, scores, history)
     write_report(ev, Path(args.out_dir), args.samples, args.seed, argv)
+    card = model_card.card_for(source)
+    if card is not None:
+        model_card.save_evaluation(card, model_card.evaluation_title(args.test_dir, args.mirror), scores.metrics,
+                                   scores.confusion, predictor.classes, "python evaluate.py " + shlex.join(argv))
+        log.info("Figures added to the model card %s", card)
     return ev
 
 
@@ -763,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         import log_experiment  # only this option needs MLflow, which is slow to import
 
         try:
-            log_experiment.log_evaluation(args.mlflow_run, Path(args.out_dir), ev.scores.metrics)
+            log_experiment.log_evaluation(args.mlflow_run, Path(args.out_dir), ev.scores.metrics,
+                                          card=model_card.card_for(ev.source))
         except UsageError as err:
             log.error("%s The report itself is in %s.", err, args.out_dir)
             return EXIT_USAGE

@@ -2,7 +2,7 @@
 `--world_size N` (N processes on this machine via mp.spawn), or `torchrun ... pt_train.py` (many machines).
 
 Writes into --save_dir: last.pt and best.pt (model, optimizer, scheduler, epoch, metadata), history.json,
-classes.json, transform.json, config.json and split.json. With --mlflow, rank 0 also logs the run to MLflow as
+classes.json, transform.json, config.json, split.json and MODEL_CARD.md (model_card.py). With --mlflow, rank 0 also logs the run to MLflow as
 it goes (see log_experiment.py). Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import image_cache
 import image_io
 import log_experiment
 import model as models
+import model_card
 import predict
 import pt_engine
 import run_artifacts
@@ -448,6 +449,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
                     if prepared["hands"] else None)
         if rank == 0 and (save_dir / "best.pt").exists():
             _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared["hands"], args)
+            model_card.save_card(save_dir, model_card.count_folders(splits, folder_names(splits.roots)))
     return history
 
 
