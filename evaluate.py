@@ -53,6 +53,7 @@ import image_io
 import model_card
 import predict
 import run_artifacts
+import terminal
 from data_loader import DatasetError, Sample
 from errors import UsageError
 
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--gpu", action="store_true", help="predict on the CUDA GPU")
     p.add_argument("--mlflow_run", metavar="RUN_ID", help="log the report and metrics to this MLflow run")
+    terminal.add_verbose_arg(p)
     return p.parse_args(argv)
 
 
@@ -759,6 +761,7 @@ def _print_summary(ev: Evaluation, out_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    terminal.configure(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     try:
         ev = evaluate(args, argv)

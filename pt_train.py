@@ -36,6 +36,7 @@ import model_card
 import predict
 import pt_engine
 import run_artifacts
+import terminal
 from errors import UsageError
 
 log = logging.getLogger("pt_train")
@@ -154,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num_threads", type=int, default=None,
                      help="CPU threads per process (default: torch's, one per core; with --world_size on the CPU "
                           "each process gets its share of the cores)")
+    terminal.add_verbose_arg(run)
     track = p.add_argument_group("experiment tracking (MLflow; see log_experiment.py)")
     track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
     log_experiment.add_tracking_args(track)
@@ -568,6 +570,7 @@ def _configure_logging(rank: int) -> None:
 def run_ddp_worker(rank: int, world_size: int, args: argparse.Namespace, prepared: dict) -> None:
     """Entry point of each spawned process: join the group, train, always leave the group."""
     _configure_logging(rank)
+    terminal.configure()  # a spawned process starts with Python's warning filters; ASL_VERBOSE it inherits
     backend = "nccl" if args.gpu else "gloo"
     if args.gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -597,6 +600,7 @@ def launched_by_torchrun() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    terminal.configure(args.verbose)
     torchrun = launched_by_torchrun()
     rank = int(os.environ["RANK"]) if torchrun else 0
     _configure_logging(rank)
