@@ -2,8 +2,9 @@
 `--world_size N` (N processes on this machine via mp.spawn), or `torchrun ... pt_train.py` (many machines).
 
 Writes into --save_dir: last.pt and best.pt (model, optimizer, scheduler, epoch, metadata), history.json,
-classes.json, transform.json, config.json, split.json and MODEL_CARD.md (model_card.py). With --mlflow, rank 0 also logs the run to MLflow as
-it goes (see log_experiment.py). Exit code 2 means a problem with the input, explained in one line.
+classes.json, transform.json, config.json, split.json and MODEL_CARD.md (model_card.py). With --mlflow, rank 0
+also logs the run to MLflow as it goes (see log_experiment.py). `--verbose` also shows the libraries' own logs
+(terminal.py). Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
 
