@@ -13,6 +13,8 @@ Configuration (command line after `--`, else environment, else default):
   default `data/my_hand`.
 * `--examples_dir` / `ASL_EXAMPLES_DIR`: a flat folder of example images (e.g. the test set's `A_test.jpg`).
 * `--device` / `ASL_DEVICE`: `cpu` (default) or e.g. `cuda`.
+* `ASL_VERBOSE=1`: also show the libraries' own logs (MediaPipe's C++ lines) and third-party deprecation warnings
+  in the server's terminal (terminal.py).
 
 The page code stays thin: decoding with limits, the "unsure" decision, the model's own view of the image, the
 Grad-CAM map, the model facts and the collected photos (save, count, delete) are small functions here that the
@@ -50,6 +52,7 @@ import hands
 import image_io
 import predict
 import run_artifacts
+import terminal
 
 log = logging.getLogger("app")
 
@@ -630,6 +633,7 @@ def page() -> None:
 
 
 def main() -> None:
+    terminal.configure()
     st.set_page_config(page_title="ASL sign reader", page_icon="🤟", layout="wide")
     st.title("ASL sign reader")
     st.caption("Show a hand sign of the American Sign Language alphabet; the model reads the letter.")

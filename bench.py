@@ -50,6 +50,7 @@ import model as models
 import predict
 import pt_engine
 import run_artifacts
+import terminal
 
 Run = Callable[[], int]  # one timed repetition; returns how many images it handled
 Variants = dict[str, Callable[[], Run]]  # name -> builds that variant (models, loaders, caches) and its Run
@@ -76,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where training runs (inference is measured on the CPU, as the app runs it)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
+    terminal.add_verbose_arg(p)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU and none is visible; use --device cpu")
@@ -504,6 +506,7 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    terminal.configure(args.verbose)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # as pt_train.py trains on a GPU; no effect on the CPU

@@ -12,8 +12,9 @@ it may hold a subset of the model's classes. Predictions always take the argmax 
 Writes into --out_dir: report.md (everything on one page), metrics.json, classification_report.txt/.json,
 predictions.csv and the figures confusion_matrix.png, confusion_matrix_normalized.png, pr_curves.png,
 roc_curves.png, training_curves.png, trust_by_threshold.png (what the app's confidence threshold buys: the
-share it answers and how often it is right), misclassified.png and samples.png. Exit code 2 means a problem with
-the input, explained in one line.
+share it answers and how often it is right), misclassified.png and samples.png. A training folder's model (the
+folder, or its best.pt) also gets the headline figures in its MODEL_CARD.md, a section per data set (model_card.py).
+Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ import calibration
 import data_loader
 import hands
 import image_io
+import model_card
 import predict
 import run_artifacts
+import terminal
 from data_loader import DatasetError, Sample
 from errors import UsageError
 
@@ -87,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--gpu", action="store_true", help="predict on the CUDA GPU")
     p.add_argument("--mlflow_run", metavar="RUN_ID", help="log the report and metrics to this MLflow run")
+    terminal.add_verbose_arg(p)
     return p.parse_args(argv)
 
 
@@ -758,6 +762,11 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     history = _run_file(run_dir, "history.json") or predictor.history
     ev = Evaluation(str(source), predictor, data, scored, probs, scores, history)
     write_report(ev, Path(args.out_dir), args.samples, args.seed, argv)
+    card = model_card.card_for(source)
+    if card is not None:
+        model_card.save_evaluation(card, model_card.evaluation_title(args.test_dir, args.mirror), scores.metrics,
+                                   "python evaluate.py " + shlex.join(argv), WEAK_RECALL)
+        log.info("Figures added to the model card %s", card)
     return ev
 
 
@@ -786,6 +795,7 @@ def _print_summary(ev: Evaluation, out_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    terminal.configure(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     try:
         ev = evaluate(args, argv)
@@ -797,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         import log_experiment  # only this option needs MLflow, which is slow to import
 
         try:
-            log_experiment.log_evaluation(args.mlflow_run, Path(args.out_dir), ev.scores.metrics)
+            log_experiment.log_evaluation(args.mlflow_run, Path(args.out_dir), ev.scores.metrics,
+                                          card=model_card.card_for(ev.source))
         except UsageError as err:
             log.error("%s The report itself is in %s.", err, args.out_dir)
             return EXIT_USAGE

@@ -51,6 +51,7 @@ from PIL import Image
 
 import image_io
 import run_artifacts
+import terminal
 from errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,6 @@ class Hand:
 
 
 def _import_mediapipe():
-    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logs a screenful per detector otherwise
     try:
         import mediapipe
         from mediapipe.tasks.python import BaseOptions, vision
@@ -196,7 +196,8 @@ def _import_mediapipe():
 
 
 class HandFinder:
-    """MediaPipe's HandLandmarker for still images, one hand per image; safe to share between threads."""
+    """MediaPipe's HandLandmarker for still images, one hand per image; safe to share between threads. Its C++
+    log lines are hidden unless ASL_VERBOSE asks for them (terminal.native_logs_hidden)."""
 
     def __init__(self, model_path: str | os.PathLike | None = None, min_confidence: float = MIN_CONFIDENCE):
         self.model_path = hand_model_path(model_path)
@@ -206,13 +207,14 @@ class HandFinder:
             running_mode=vision.RunningMode.IMAGE, num_hands=1,
             min_hand_detection_confidence=min_confidence, min_hand_presence_confidence=min_confidence)
         try:
-            self._landmarker = vision.HandLandmarker.create_from_options(options)
+            with terminal.native_logs_hidden():
+                self._landmarker = vision.HandLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as err:
             raise HandModelError(f"MediaPipe could not load the hand model {self.model_path} ({err}). Delete it "
                                  "to fetch it again, or pass another with --hand_model.") from None
         self._lock = threading.Lock()
         # closed at the latest when the interpreter exits, while MediaPipe's library is still there to do it
-        self._close = weakref.finalize(self, self._landmarker.close)
+        self._close = weakref.finalize(self, _close_quietly, self._landmarker)
 
     def find(self, image: Image.Image | np.ndarray) -> Hand | None:
         """The most confident hand in an RGB image, or None. Where none is found, a second look: the image with
@@ -223,7 +225,7 @@ class HandFinder:
         return hand if hand is not None else self._detect_padded(pixels)
 
     def _detect(self, pixels: np.ndarray) -> Hand | None:
-        with self._lock:
+        with self._lock, terminal.native_logs_hidden():
             result = self._landmarker.detect(self.mp.Image(image_format=self.mp.ImageFormat.SRGB, data=pixels))
         if not result.hand_landmarks:
             return None
@@ -254,6 +256,11 @@ class HandFinder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_quietly(landmarker) -> None:
+    with terminal.native_logs_hidden():
+        landmarker.close()
 
 
 # ---------------------------------------------------------------------------------------------- per-image cache
@@ -352,34 +359,61 @@ def _find_one(finder: HandFinder, load: Callable[[str], Image.Image], path: str)
         return None
 
 
-def _search_chunk(model_path: str, load: Callable[[str], Image.Image], paths: list[str]) -> list[Hand | None]:
-    """A worker process's share of the search (its own HandFinder: MediaPipe graphs are not shared)."""
-    with HandFinder(model_path) as finder:
-        return [_find_one(finder, load, path) for path in paths]
+# The images a search process takes at a time (at most): the progress bar moves by this many
+SEARCH_CHUNK = 32
+_worker_finder: HandFinder | None = None  # a search process's own (MediaPipe graphs are not shared)
+
+
+def _start_search_worker(model_path: str) -> None:
+    global _worker_finder
+    _worker_finder = HandFinder(model_path)  # closed by its finalizer when the process ends
+
+
+def _search_chunk(load: Callable[[str], Image.Image], paths: list[str]) -> list[Hand | None]:
+    """A search process's share of the work: a chunk of images."""
+    return [_find_one(_worker_finder, load, path) for path in paths]
 
 
 def _search(paths: list[str], finder: HandFinder, load: Callable[[str], Image.Image], workers: int,
             progress: bool) -> list[Hand | None]:
+    import concurrent.futures
+
     from tqdm import tqdm
 
-    if workers <= 1 or len(paths) < PARALLEL_MIN_IMAGES:
-        return [_find_one(finder, load, path) for path in
-                tqdm(paths, desc="finding hands", disable=not progress, mininterval=5, leave=False)]
+    parallel = workers > 1 and len(paths) >= PARALLEL_MIN_IMAGES
+    if parallel:
+        log.info("Finding hands in %d images with %d processes", len(paths), workers)
+    with tqdm(total=len(paths), desc="finding hands", unit="image", disable=not progress, leave=False,
+              dynamic_ncols=True, mininterval=terminal.progress_interval()) as bar:
+        if parallel:
+            try:
+                return _search_in_processes(paths, finder.model_path, load, workers, bar)
+            except concurrent.futures.process.BrokenProcessPool as err:  # a worker killed (memory) or unable to start
+                log.warning("The hand search in %d processes failed (%s); searching in this process instead.",
+                            workers, err)
+                bar.reset()
+        found = []
+        for path in paths:
+            found.append(_find_one(finder, load, path))
+            bar.update()
+        return found
+
+
+def _search_in_processes(paths: list[str], model_path: Path, load: Callable[[str], Image.Image], workers: int,
+                         bar) -> list[Hand | None]:
+    """The search in `workers` processes, each with its own HandFinder, a chunk of images at a time, in order."""
     import concurrent.futures
     import functools
 
+    size = min(SEARCH_CHUNK, -(-len(paths) // workers))  # every process gets work, however few the images
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    found: list[Hand | None] = []
     # spawn, not fork: this process already runs MediaPipe's threads, which a fork would copy mid-flight
-    chunks = [paths[i::workers] for i in range(workers)]
-    log.info("Finding hands in %d images with %d processes", len(paths), workers)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(functools.partial(_search_chunk, str(finder.model_path), load), chunks))
-    except concurrent.futures.process.BrokenProcessPool as err:  # a worker killed (memory) or unable to start
-        log.warning("The hand search in %d processes failed (%s); searching in this process instead.", workers, err)
-        return _search(paths, finder, load, 1, progress)
-    found: list[Hand | None] = [None] * len(paths)
-    for k, result in enumerate(results):
-        found[k::workers] = result
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_search_worker, initargs=(str(model_path),)) as pool:
+        for chunk in pool.map(functools.partial(_search_chunk, load), chunks):
+            found += chunk
+            bar.update(len(chunk))
     return found
 
 

@@ -8,9 +8,9 @@ started in that folder shows.
 What a training run holds (`TrainingTracker`, driven by `pt_train.py --mlflow` on rank 0 only): every CLI
 argument as a param; the git commit and the dataset's path, image and class counts as tags; train/val loss,
 accuracy and macro F1, learning rate and epoch time at every epoch, logged as the run goes; the best epoch's
-figures; every JSON file of the training folder (classes, transform, config, split, history, calibration); and
-the best checkpoint as the MLflow model `model` (optionally registered). `evaluate.py --mlflow_run RUN_ID` adds
-its report through `log_evaluation`.
+figures; every JSON file of the training folder (classes, transform, config, split, history, calibration) and
+its model card (MODEL_CARD.md); and the best checkpoint as the MLflow model `model` (optionally registered).
+`evaluate.py --mlflow_run RUN_ID` adds its report through `log_evaluation`, and the card as evaluate left it.
 
 The model is logged in MLflow 3's default "pt2" format: a `torch.export` graph that loads without unpickling
 and without this project's code. It outputs logits; its MLmodel metadata carries the classes, the transform and
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import data_loader
+import model_card
 import predict
 import run_artifacts
 from errors import UsageError
@@ -158,14 +159,16 @@ def log_epoch(record: Mapping[str, float]) -> None:
 
 
 def best_epoch_metrics(history: list[Mapping[str, float]]) -> dict[str, float]:
-    """The figures of the epoch whose weights are best.pt: the lowest validation loss, the first one if tied."""
-    best = min(history, key=lambda record: record["val_loss"])
+    """The figures of the epoch whose weights are best.pt (model_card.best_record)."""
+    best = model_card.best_record(history)
     return {"best_epoch": best["epoch"], **{f"best_{k}": best[k] for k in ("val_loss", "val_acc", "val_f1")}}
 
 
 def run_files(save_dir: str | os.PathLike) -> list[Path]:
-    """The training folder's JSON files: classes, transform, config, split, history, calibration..."""
-    return sorted(Path(save_dir).glob("*.json"))
+    """The training folder's JSON files (classes, transform, config, split, history, calibration...) and its model
+    card."""
+    card = Path(save_dir) / model_card.CARD_NAME
+    return sorted(Path(save_dir).glob("*.json")) + ([card] if card.is_file() else [])
 
 
 def log_model(model_source: str | os.PathLike, register: str | None = None) -> ModelInfo:
@@ -352,10 +355,12 @@ def _numeric_leaves(metrics: Mapping, prefix: str) -> dict[str, float]:
     return flat
 
 
-def log_evaluation(run_id: str, out_dir: str | os.PathLike, metrics: Mapping, tracking_uri: str | None = None) -> None:
+def log_evaluation(run_id: str, out_dir: str | os.PathLike, metrics: Mapping, tracking_uri: str | None = None,
+                   card: str | os.PathLike | None = None) -> None:
     """Add an evaluation report to an existing run, named after its folder so that several evaluations (the
     validation split, a test set) sit side by side: the numbers of `metrics` as metrics `eval/<folder>/...`
-    (e.g. eval/external/accuracy, eval/external/per_class/A/f1) and the folder's files as artifacts there."""
+    (e.g. eval/external/accuracy, eval/external/per_class/A/f1) and the folder's files as artifacts there; and
+    the model's `card` (MODEL_CARD.md, with this evaluation added) in place of the one the run holds."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -366,6 +371,8 @@ def log_evaluation(run_id: str, out_dir: str | os.PathLike, metrics: Mapping, tr
         mlflow.get_run(run_id)
         mlflow.log_metrics(_numeric_leaves(metrics, prefix), run_id=run_id)
         mlflow.log_artifacts(str(out_dir), artifact_path=prefix, run_id=run_id)
+        if card is not None:
+            mlflow.log_artifact(str(card), run_id=run_id)
     except MlflowException as err:
         raise TrackingError(f"Could not add the evaluation to MLflow run {run_id} in {uri} ({str(err)[:300]}). "
                             "Pass the run id that pt_train.py printed (also in SAVE_DIR/mlflow_run.json) and the "

@@ -41,6 +41,7 @@ import hands
 import image_io
 import model as models
 import run_artifacts
+import terminal
 from errors import UsageError
 
 MLFLOW_URI_SCHEMES = ("runs:/", "models:/")
@@ -313,7 +314,8 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, crop_size: int) -> Path
     with run_artifacts.atomic_path(path) as tmp:
         torch.onnx.export(net.cpu().eval(), (example,), tmp, dynamo=True, external_data=False,
                           input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          verbose=None if terminal.verbose() else False)  # None: its progress lines
     return Path(path)
 
 

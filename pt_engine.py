@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tqdm import tqdm
 
 import run_artifacts
+import terminal
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class CustomTrainer:
         self.model.train()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not (self.is_main and self.progress), dynamic_ncols=True,
-                   mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+                   mininterval=terminal.progress_interval())
         for step, (images, targets) in enumerate(bar):
             loss = self.run_batch(images, targets)
             if step % 20 == 0:  # not every step: .item() waits for the GPU to finish

@@ -2,8 +2,9 @@
 `--world_size N` (N processes on this machine via mp.spawn), or `torchrun ... pt_train.py` (many machines).
 
 Writes into --save_dir: last.pt and best.pt (model, optimizer, scheduler, epoch, metadata), history.json,
-classes.json, transform.json, config.json and split.json. With --mlflow, rank 0 also logs the run to MLflow as
-it goes (see log_experiment.py). Exit code 2 means a problem with the input, explained in one line.
+classes.json, transform.json, config.json, split.json and MODEL_CARD.md (model_card.py). With --mlflow, rank 0
+also logs the run to MLflow as it goes (see log_experiment.py). `--verbose` also shows the libraries' own logs
+(terminal.py). Exit code 2 means a problem with the input, explained in one line.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ import image_cache
 import image_io
 import log_experiment
 import model as models
+import model_card
 import predict
 import pt_engine
 import run_artifacts
+import terminal
 from errors import UsageError
 
 log = logging.getLogger("pt_train")
@@ -165,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num_threads", type=int, default=None,
                      help="CPU threads per process (default: torch's, one per core; with --world_size on the CPU "
                           "each process gets its share of the cores)")
+    terminal.add_verbose_arg(run)
     track = p.add_argument_group("experiment tracking (MLflow; see log_experiment.py)")
     track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
     log_experiment.add_tracking_args(track)
@@ -489,6 +493,7 @@ def train_worker(rank: int, world_size: int, args: argparse.Namespace, prepared:
                     if prepared["hands"] else None)
         if rank == 0 and (save_dir / "best.pt").exists():
             _finish_best(save_dir, trainer.raw_model, hand_net, splits, prepared, args)
+            model_card.save_card(save_dir, model_card.count_folders(splits, folder_names(splits.roots)))
     return history
 
 
@@ -577,7 +582,7 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         people = prepared["calibration"]
         samples, hands_found, blocks, where = (
             (people["images"].samples, people["found"], data_loader.block_ids(people["images"].samples),
-             "images of people it did not train on") if people else
+             f"images of people it did not train on ({', '.join(folder_names(people['images'].roots))})") if people else
             (splits.val_samples, [found.get(path) for path, _ in splits.val_samples] if found else None,
              splits.val_blocks, "validation images"))
         # the images as served: a crop model reads the square around each hand found
@@ -631,13 +636,13 @@ def _fit_threshold(net: nn.Module, hand_net: nn.Module | None, meta: dict, logit
 
 
 def _calibrated(result: dict, what: str, where: str) -> dict:
-    """`result` (calibration.calibrate's), logged. Cross-fitting keeps each run of near-duplicate frames in one
-    fold."""
+    """`result` (calibration.calibrate's), logged, with the images it was fitted `on`. Cross-fitting keeps each
+    run of near-duplicate frames in one fold."""
     log.info("Calibration of the %s on %d %s: ECE %.4f, %.4f with a fitted temperature (cross-fitted); "
              "temperature %.3f %s", what, result["n_images"], where, result["ece_before"],
              result["ece_after_cross_fitted"], result["temperature"],
              "applied" if result["applied"] else "not applied (no gain)")
-    return result
+    return {**result, "on": where}
 
 
 def _configure_logging(rank: int) -> None:
@@ -649,6 +654,7 @@ def _configure_logging(rank: int) -> None:
 def run_ddp_worker(rank: int, world_size: int, args: argparse.Namespace, prepared: dict) -> None:
     """Entry point of each spawned process: join the group, train, always leave the group."""
     _configure_logging(rank)
+    terminal.configure()  # a spawned process starts with Python's warning filters; ASL_VERBOSE it inherits
     backend = "nccl" if args.gpu else "gloo"
     if args.gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -678,6 +684,7 @@ def launched_by_torchrun() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    terminal.configure(args.verbose)
     torchrun = launched_by_torchrun()
     rank = int(os.environ["RANK"]) if torchrun else 0
     _configure_logging(rank)

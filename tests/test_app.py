@@ -752,3 +752,16 @@ def test_the_hand_aware_app_draws_the_hand_or_says_there_is_none(page, hand_run)
     assert captions(at)[0].endswith("no hand found")
     assert any("No hand found" in w.value for w in at.warning)
     assert not any(m.value.startswith("Prediction:") for m in at.markdown)  # no letter is named
+
+
+def test_streamlit_watches_the_app_s_sources_only():
+    # Streamlit's default watcher follows everything below app.py's folder (.venv, runs/, the data), which
+    # floods inotify; the repository's .streamlit/config.toml, read beside the script, has it poll the sources
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "streamlit", "config", "show"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"# The value below was set in {ROOT / '.streamlit' / 'config.toml'}\nfileWatcherType = \"poll\"" \
+        in result.stdout

@@ -309,8 +309,8 @@ def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_
     # a stand-in for log_experiment: what reaches MLflow is that module's business, the hand-over is ours
     calls = []
 
-    def log_evaluation(run_id, out_dir, metrics):
-        calls.append((run_id, Path(out_dir), metrics))
+    def log_evaluation(run_id, out_dir, metrics, card=None):
+        calls.append((run_id, Path(out_dir), metrics, card))
         if run_id == "no-such-run":
             raise fake.TrackingError("Could not add the evaluation to MLflow run no-such-run.")
 
@@ -323,8 +323,9 @@ def test_max_per_class_and_mlflow_run_hand_the_report_on(trained_run, synthetic_
             "--out_dir", str(out), "--samples", "0"]
     code, _, err = run_cli(*args, "--mlflow_run", "abc123")
     assert code == 0, err
-    (run_id, logged_dir, metrics), = calls
+    (run_id, logged_dir, metrics, card), = calls
     assert run_id == "abc123" and logged_dir == out and metrics == json.loads((out / "metrics.json").read_text())
+    assert card == trained_run / "MODEL_CARD.md"  # the card of the checkpoint's training folder, this evaluation in
     assert metrics["n_images"] == 6 and metrics["dataset"]["max_per_class"] == 2
     code, _, err = run_cli(*args, "--mlflow_run", "no-such-run")
     assert code == 2 and "no-such-run" in err and f"The report itself is in {out}" in err

@@ -350,6 +350,56 @@ def test_a_script_that_searches_at_its_top_level_is_told_instead_of_hanging(tmp_
     assert "put the script's top level under: if __name__ == '__main__':" in result.stderr
 
 
+SEARCH_SCRIPT = """
+import sys
+from pathlib import Path
+import hands, image_io
+
+if __name__ == "__main__":
+    hands.PARALLEL_MIN_IMAGES = 1  # the search runs in two processes too: they must be as quiet
+    paths = sys.argv[2:]
+    with hands.HandFinder() as finder:
+        found = hands.find_hands(paths, finder, image_io.load_rgb, Path(sys.argv[1]), workers=2)
+    print("found", sum(hand is not None for hand in found))
+"""
+# MediaPipe's C++ log lines (absl's and LiteRT's): what a user saw on every start before they were hidden
+NATIVE_LOG = ("W0000 ", "I0000 ", "INFO: [", "INFO: Created", "WARNING: Logging before")
+
+
+def _search_in_subprocess(tmp_path: Path, verbose: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH_SCRIPT)
+    if SHARED.is_dir():
+        paths = [str(SHARED / name) for name in REAL_HANDS]
+    else:  # the detector runs (and logs) on any image
+        paths = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+        for i, path in enumerate(paths):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(path)
+    env = dict(os.environ, PYTHONPATH=str(Path(hands.__file__).parent), ASL_VERBOSE=verbose)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / f"cache-{verbose}.npz"), *paths],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("found"), result.stderr[-2000:]
+    if SHARED.is_dir():
+        assert result.stdout.strip() == f"found {len(paths)}"
+    return result
+
+
+def _native_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(NATIVE_LOG)]
+
+
+def test_a_hand_search_prints_none_of_mediapipe_s_logs(tmp_path):
+    assert _native_lines(_search_in_subprocess(tmp_path, "0").stderr) == []
+
+
+@pytest.mark.slow
+def test_asl_verbose_shows_mediapipe_s_logs(tmp_path):
+    lines = _native_lines(_search_in_subprocess(tmp_path, "1").stderr)
+    if not lines:
+        pytest.skip("this MediaPipe logs nothing on stderr: nothing to show")
+    assert any(line.startswith("INFO: [") for line in lines)
+
+
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     model = tmp_path / "model.task"
     model.write_bytes(b"m")

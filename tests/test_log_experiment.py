@@ -181,7 +181,7 @@ def test_the_run_holds_params_tags_epoch_metrics_and_files(tracked, synthetic_di
 
     files = {a.path for a in tracked.client.list_artifacts(tracked.run_id)}
     assert files >= {"classes.json", "transform.json", "config.json", "split.json", "history.json",
-                     "calibration.json"}
+                     "calibration.json", "MODEL_CARD.md"}
     local = tracked.client.download_artifacts(tracked.run_id, "history.json", str(tracked.save_dir.parent))
     assert json.loads(Path(local).read_text()) == history
 
@@ -355,7 +355,9 @@ def test_an_evaluation_report_joins_an_existing_run(tmp_path, store):
     (out / "confusion_matrix.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     metrics = {"accuracy": 0.9, "macro_f1": np.float32(0.75), "n_images": 10, "classes_present": ["A"],
                "per_class": {"A": {"f1": 0.5, "roc_auc": None}}, "most_confused": [], "notes": ["x"]}
-    log_experiment.log_evaluation(run_id, out, metrics)
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# Model card\n\n## Evaluations\n")
+    log_experiment.log_evaluation(run_id, out, metrics, card=card)
     client = MlflowClient(store)
     run = client.get_run(run_id)
     assert run.data.metrics == {"best_val_loss": 0.5, "eval/external/accuracy": 0.9, "eval/external/macro_f1": 0.75,
@@ -363,6 +365,8 @@ def test_an_evaluation_report_joins_an_existing_run(tmp_path, store):
     assert run.data.params == {"seed": "1"} and run.data.tags["dataset_images"] == "10"
     assert {a.path for a in client.list_artifacts(run_id, "eval/external")} == {
         "eval/external/report.md", "eval/external/confusion_matrix.png"}
+    assert Path(client.download_artifacts(run_id, "MODEL_CARD.md", str(tmp_path / "got"))).read_text() == \
+        card.read_text()
     with pytest.raises(log_experiment.TrackingError, match="mlflow_run.json"):
         log_experiment.log_evaluation("0" * 32, out, metrics)
 

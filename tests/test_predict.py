@@ -188,3 +188,12 @@ def test_a_hand_network_that_does_not_fit_is_named(tmp_path):
     run_artifacts.save_checkpoint(ckpt, path)
     with pytest.raises(predict.ModelLoadError, match="hand network does not fit"):
         predict.load_predictor(path)
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"])
+def test_the_onnx_export_prints_its_progress_only_when_verbose(tmp_path, capsys, monkeypatch, verbose):
+    monkeypatch.setenv("ASL_VERBOSE", verbose)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3))
+    assert predict.export_onnx(net, tmp_path / "net.onnx", 16).is_file()
+    assert ("[torch.onnx]" in capsys.readouterr().out) == (verbose == "1")
