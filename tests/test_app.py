@@ -149,7 +149,7 @@ def test_a_new_finetuning_never_lands_on_an_earlier_model(tmp_path):
     assert app.free_run_dir(tmp_path, "my_hand") == tmp_path / "my_hand-3"
 
 
-@pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not an image"),
+@pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not a readable image"),
                                            (truncated_jpeg(), "truncated or damaged"), (bomb_png(), "too large")],
                          ids=["empty", "not an image", "truncated", "bomb"])
 def test_a_bad_upload_is_refused_and_nothing_is_written(tmp_path, data, message):
@@ -531,7 +531,7 @@ def test_teach_mode_saves_each_upload_once_and_deletes_a_photo(page, tmp_path, s
                                    ("notes.jpg", b"just text", "image/jpeg"),
                                    ("B2.jpg", jpeg(synthetic_dir, "B2.jpg"), "image/jpeg")]).run()
     (error,) = at.error
-    assert "'notes.jpg' is not an image this app can read" in error.value and "It was not saved." in error.value
+    assert "'notes.jpg' is not a readable image" in error.value and "It was not saved." in error.value
     assert at.success[0].value == "Saved 2 photos of 'B'."
     photos = sorted((collect / "B").iterdir())
     assert len(photos) == 2 and files_under(collect) == ["B", *(f"B/{p.name}" for p in photos)]

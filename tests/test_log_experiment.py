@@ -385,10 +385,14 @@ def test_an_unknown_mlflow_model_is_a_clear_error(store, uri):
     assert uri in str(err.value) and store in str(err.value)
 
 
+def echo(model_input: list[str]) -> list[str]:
+    return model_input
+
+
 def test_a_model_logged_otherwise_is_refused_with_what_to_do(store):
     mlflow.set_tracking_uri(store)
     with mlflow.start_run() as run:
-        mlflow.pyfunc.log_model(name="model", python_model=lambda frame: frame, pip_requirements=[])
+        mlflow.pyfunc.log_model(name="model", python_model=echo, pip_requirements=[])
     with pytest.raises(predict.ModelLoadError, match="carries no checkpoint.*python log_experiment.py SAVE_DIR"):
         predict.load_predictor(f"runs:/{run.info.run_id}/model")
 
