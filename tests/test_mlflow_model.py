@@ -36,13 +36,16 @@ HAND_PHOTO = SHARED_ASL / "train" / "B" / "B1300.jpg"  # MediaPipe finds its han
 @contextlib.contextmanager
 def own_store(folder: Path) -> Iterator[str]:
     """MLflow pointed at a SQLite store in `folder`, its artifacts there too (MLflow puts them in the working
-    folder); the tracking URI and the working folder are restored afterwards."""
+    folder), with an experiment of its own (the one active before belongs to another store); the tracking URI
+    and the working folder are restored afterwards."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "ASL_HAND_MODEL"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                     "ASL_HAND_MODEL"):
             patch.delenv(name, raising=False)
         uri = f"sqlite:///{folder}/mlflow.db"
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("serving")
         try:
             yield uri
         finally:
