@@ -16,10 +16,10 @@ Configuration (command line after `--`, else environment, else default):
 * `ASL_VERBOSE=1`: also show the libraries' own logs (MediaPipe's C++ lines) and third-party deprecation warnings
   in the server's terminal (terminal.py).
 
-The page code stays thin: decoding with limits, the "unsure" decision, the model's own view of the image, the
-Grad-CAM map, the model facts and the collected photos (save, count, delete) are small functions here that the
-tests call directly. Prediction itself is predict.py's (`load_predictor`, `Predictor`); what counts as a
-readable image, and decoding it to upright RGB, is image_io.py's, as everywhere else.
+The page code stays thin: the model's own view of the image, the Grad-CAM map, the model facts and the collected
+photos (save, count, delete) are small functions here that the tests call directly. Prediction and the "unsure"
+decision are predict.py's (`load_predictor`, `Predictor`, `decide`); what counts as a readable image, the limits on
+an uploaded photo and decoding it to upright RGB are image_io.py's (`decode_photo`), as for the MLflow model.
 """
 from __future__ import annotations
 
@@ -64,20 +64,9 @@ READ, TEACH = "Read", "Teach"
 THUMBS_PER_ROW = 6
 THUMB_PX = 160  # Streamlit shrinks the image to this before sending it: a letter's photos stay a light page
 UPLOAD_TYPES = [ext.lstrip(".") for ext in image_io.IMG_EXTENSIONS]
-MAX_UPLOAD_MB = 20
-# Refused before decoding: a 50-megapixel phone photo still passes, while a small file that claims gigapixels
-# (a "decompression bomb") never gets to allocate its pixels.
-MAX_PIXELS = 50_000_000
-# Accepted images are shrunk to this longest side right after decoding: the model looks at 224-256 px anyway,
-# and the page then never holds or sends a full-size photo.
-MAX_SIDE = 1024
 TOP_K = 5
 # The model is shared by every session (st.cache_resource), and Grad-CAM hooks into it: one map at a time.
 _CAM_LOCK = threading.Lock()
-
-
-class InputError(ValueError):
-    """An image the app cannot use; the message names the problem and what to do instead."""
 
 
 class ConfigError(RuntimeError):
@@ -113,41 +102,6 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> AppConfig:
         raise ConfigError(f"Device '{args.device}' was asked for but no CUDA GPU is available; use --device cpu "
                           "(the default) or unset ASL_DEVICE.")
     return AppConfig(args.model_dir, args.examples_dir, args.device, args.runs_dir, args.collect_dir)
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Upright RGB image from uploaded bytes, at most MAX_SIDE px on its longest side, or an InputError."""
-    if not data:
-        raise InputError(f"'{name}' is empty. Upload a photo of a hand sign (JPG, PNG, WEBP or BMP).")
-    if len(data) > MAX_UPLOAD_MB * 2**20:
-        raise InputError(f"'{name}' is {len(data) / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB} MB. "
-                         "Upload a smaller or more compressed image.")
-    width, height = _image_size(data, name)
-    if width * height > MAX_PIXELS:
-        raise InputError(_too_large(name, f"{width}x{height} pixels"))
-    try:
-        image = image_io.load_rgb(io.BytesIO(data))
-    except image_io.ImageError:
-        raise InputError(f"'{name}' could not be decoded: the file is truncated or damaged. "
-                         "Save or export it again and upload the new file.") from None
-    image.thumbnail((MAX_SIDE, MAX_SIDE))
-    return image
-
-
-def _image_size(data: bytes, name: str) -> tuple[int, int]:
-    """Width and height from the header alone: nothing is decoded yet."""
-    try:
-        return image_io.read_size(io.BytesIO(data))
-    except image_io.ImageTooLarge:
-        raise InputError(_too_large(name, "more pixels than PIL's safety limit")) from None
-    except image_io.ImageError:
-        raise InputError(f"'{name}' is not an image this app can read. Upload a photo of a hand sign as "
-                         f"{', '.join(UPLOAD_TYPES)}.") from None
-
-
-def _too_large(name: str, size: str) -> str:
-    return (f"'{name}' is too large ({size}); the limit is {MAX_PIXELS / 1e6:.0f} megapixels. "
-            f"Downscale it ({MAX_SIDE} px on the longest side is plenty) and upload it again.")
 
 
 def model_view(predictor: predict.Predictor, image: Image.Image) -> np.ndarray:
@@ -274,12 +228,12 @@ def save_photo(collect_dir: str | os.PathLike, class_name: str, data: bytes, cla
                name: str = "the photo") -> Path:
     """Save an uploaded photo as `collect_dir/class_name/<timestamp>.jpg` and return its path.
 
-    The upload goes through `decode_image` (its limits, its InputError for a bad file, nothing written) and is
-    saved re-encoded as a JPEG: what lands in the folder is always a valid upright RGB image. The path is made
-    from the class name and the time alone, never from the upload's name; the write is atomic.
+    The upload goes through `image_io.decode_photo` (its limits, its ImageError for a bad file, nothing written)
+    and is saved re-encoded as a JPEG: what lands in the folder is always a valid upright RGB image. The path is
+    made from the class name and the time alone, never from the upload's name; the write is atomic.
     """
     folder = class_folder(collect_dir, class_name, classes)
-    image = decode_image(data, name)
+    image = image_io.decode_photo(data, name)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=95)
     folder.mkdir(parents=True, exist_ok=True)
@@ -304,7 +258,7 @@ def delete_photo(collect_dir: str | os.PathLike, path: str | os.PathLike, classe
 
 def finetune_command(model_dir: str, collect_dir: str | os.PathLike, save_dir: str | os.PathLike) -> str:
     """The shell command that fine-tunes `model_dir` on the collected photos into `save_dir`; a ConfigError for
-    an MLflow model, an exported graph that training cannot continue."""
+    an MLflow model: fine-tuning starts from a training folder or checkpoint (pt_train.py --init_from)."""
     if str(model_dir).startswith(predict.MLFLOW_URI_SCHEMES):
         raise ConfigError(f"`{model_dir}` is a logged MLflow model, which cannot be fine-tuned: pick its training "
                           "folder (pt_train.py's --save_dir) as the model to fine-tune it on these photos.")
@@ -312,12 +266,12 @@ def finetune_command(model_dir: str, collect_dir: str | os.PathLike, save_dir: s
             f"--xtrain_path {shlex.quote(str(collect_dir))} --save_dir {shlex.quote(str(save_dir))}")
 
 
-def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray | None:
+def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int) -> np.ndarray:
     """Grad-CAM map (crop x crop, 0..1): where the last convolutional features raised this class's score.
 
     The feature map is the last 4-D activation before global pooling, found with hooks on the leaf modules, so
-    the same code serves torchvision's and timm's EfficientNets. None when the model has no such layers to hook
-    (a `torch.export` graph loaded from MLflow is one flat graph of operations).
+    the same code serves torchvision's and timm's EfficientNets (a PyTorch model: `show_result` passes one when
+    the page serves with ONNX Runtime).
     """
     net = predictor.model
     activations: list[torch.Tensor] = []
@@ -334,8 +288,6 @@ def grad_cam(predictor: predict.Predictor, image: Image.Image, class_index: int)
         try:
             with torch.enable_grad():
                 score = net(x)[0, class_index]
-                if not activations:
-                    return None
                 features = activations[-1]
                 (grads,) = torch.autograd.grad(score, features)
         finally:
@@ -369,11 +321,10 @@ def ready_to_read(predictor: predict.Predictor) -> None:
         _ = predictor.finder  # an assignment: a bare expression would be drawn on the page (Streamlit's "magic")
 
 
-def fastest_backend(source: str, device: str) -> str:
-    """ONNX Runtime for a checkpoint on the CPU (same answers, about a third of eager PyTorch's latency:
-    bench.py), else PyTorch. Grad-CAM always uses the PyTorch model."""
-    on_cpu = torch.device(device).type == "cpu"
-    return "onnx" if on_cpu and not source.startswith(predict.MLFLOW_URI_SCHEMES) else "torch"
+def fastest_backend(device: str) -> str:
+    """ONNX Runtime on the CPU (same answers, about a third of eager PyTorch's latency: bench.py; a logged MLflow
+    model brings its own export), else PyTorch. Grad-CAM always uses the PyTorch model."""
+    return "onnx" if torch.device(device).type == "cpu" else "torch"
 
 
 def _stamp(source: str) -> int:
@@ -442,7 +393,8 @@ def choose_input(cfg: AppConfig) -> Chosen | None:
     if source == "Camera":
         shot = st.camera_input("Show a sign to the camera")
         return Chosen(shot.getvalue(), "camera photo") if shot else None
-    upload = st.file_uploader("Upload a photo of a hand sign", type=UPLOAD_TYPES, max_upload_size=MAX_UPLOAD_MB)
+    upload = st.file_uploader("Upload a photo of a hand sign", type=UPLOAD_TYPES,
+                              max_upload_size=image_io.MAX_PHOTO_MB)
     return Chosen(upload.getvalue(), upload.name) if upload else None
 
 
@@ -460,13 +412,12 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
                 mirror: bool = False, cam_model: Callable[[], predict.Predictor] | None = None) -> None:
     """The image with the hand found, the model's view, the answer and the top classes. `cam_model` gives the
     PyTorch model for Grad-CAM when `predictor` runs on ONNX Runtime."""
-    image = decode_image(chosen.data, chosen.name)
+    image = image_io.decode_photo(chosen.data, chosen.name)
     if mirror:
         image = ImageOps.mirror(image)
     reading = predictor.read([image])[0]
     top = predictor.top_k(image, TOP_K, reading.probs)
-    verdict = predict.decide(predictor.classes, reading.probs,
-                             reading.hand is not None if predictor.uses_hands else None, threshold, reading.agreed)
+    verdict = predictor.verdict(reading, threshold)
     seen = predictor.model_input(image, reading.hand)  # a crop model reads the square around the hand
     view = model_view(predictor, seen)
     images, result = st.columns([3, 2], gap="large")
@@ -484,10 +435,7 @@ def show_result(predictor: predict.Predictor, chosen: Chosen, threshold: float, 
         panels[1].image(view, caption=f"As the model saw it ({view.shape[1]}x{view.shape[0]})", width="stretch")
         if explain:
             heat = grad_cam(cam_model() if cam_model else predictor, seen, predictor.classes.index(verdict.label))
-            if heat is None:
-                panels[2].info("Grad-CAM needs the model's layers; this model (an exported graph, e.g. from "
-                               "MLflow) has none to look into. Point the app at the training folder instead.")
-            elif heat.any():
+            if heat.any():
                 panels[2].image(overlay(view, heat), caption=f"Where it looked for '{verdict.label}'",
                                 width="stretch")
             else:  # every region lowered the score: there is nothing to show, and a blank overlay would mislead
@@ -535,7 +483,7 @@ def teach(cfg: AppConfig, source: str, classes: Sequence[str]) -> None:
         files = [shot] if shot else []
     else:
         files = st.file_uploader(f"Photos of '{letter}'", type=UPLOAD_TYPES, accept_multiple_files=True,
-                                 max_upload_size=MAX_UPLOAD_MB, key=f"teach_upload_{letter}")
+                                 max_upload_size=image_io.MAX_PHOTO_MB, key=f"teach_upload_{letter}")
     save_new_photos(cfg.collect_dir, letter, files, classes)
     show_collection(cfg.collect_dir, letter, classes)
     save_dir = free_run_dir(cfg.runs_dir, FINETUNE_RUN)
@@ -559,7 +507,7 @@ def save_new_photos(collect_dir: str, letter: str, files: Sequence[UploadedFile]
             continue
         try:
             save_photo(collect_dir, letter, file.getvalue(), classes, file.name)
-        except (InputError, CollectError) as err:
+        except (image_io.ImageError, CollectError) as err:
             st.error(f"{err} It was not saved.")
         except OSError as err:  # not marked handled: the next rerun tries again
             st.error(f"Could not save '{file.name}' in '{collect_dir}' ({err.strerror or err}). Set --collect_dir "
@@ -607,7 +555,7 @@ def page() -> None:
             st.header("Model")
             source = choose_model(cfg)
         stamp = _stamp(source)
-        predictor = load_model(source, cfg.device, stamp, fastest_backend(source, cfg.device))
+        predictor = load_model(source, cfg.device, stamp, fastest_backend(cfg.device))
         if mode == READ:
             ready_to_read(predictor)
     except (ConfigError, hands.HandModelError) as err:
@@ -628,7 +576,7 @@ def page() -> None:
     try:
         show_result(predictor, chosen, threshold, explain, mirror,
                     cam_model=lambda: load_model(source, cfg.device, stamp))
-    except InputError as err:
+    except image_io.ImageError as err:
         st.error(str(err))
 
 

@@ -17,21 +17,35 @@ memory of each variant. Baseline and ours alternate within every repetition, so 
 hits both alike; each figure is the median of the timed repetitions after a warm-up. Peak memory is measured
 in a fresh process per variant (the PSS of the process and its workers, so shared pages count once; the
 peak allocated GPU memory on a GPU). Without --data, JPEGs of the Kaggle frames' size are generated.
+
+`--serve MODEL` measures serving instead: MODEL (a training folder or checkpoint) is logged as the MLflow model
+of mlflow_model.py to a temporary store, `mlflow models serve` serves it on loopback, and one photo at a time is
+posted to it as JSON (base64) with a pause before each, as for the latency above: the time from sending the
+request to reading the answer (p50, p95), decoding and the hand search included, beside the same model answering
+in this process (no HTTP, no JSON). Photos from --data (real hand photos: the hand search and both networks are
+timed), else the generated ones (no hand in them).
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import itertools
 import json
 import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from queue import Empty
 from pathlib import Path
 
@@ -51,12 +65,14 @@ import predict
 import pt_engine
 import run_artifacts
 import terminal
+from pt_train import find_free_port
 
 Run = Callable[[], int]  # one timed repetition; returns how many images it handled
 Variants = dict[str, Callable[[], Run]]  # name -> builds that variant (models, loaders, caches) and its Run
 BASELINE, OURS = "baseline", "ours"
 LATENCY_PAUSE_S = 0.1
 PROBE_TIMEOUT_S = 1800  # one variant's run in a fresh process; far more than any takes
+SERVE_STARTUP_S = 300  # `mlflow models serve` up and answering /ping; it takes seconds to tens of seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where training runs (inference is measured on the CPU, as the app runs it)")
+    p.add_argument("--serve", metavar="MODEL", help="measure `mlflow models serve` of MODEL (a training folder or "
+                                                    "checkpoint) answering one photo instead (see above)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
     terminal.add_verbose_arg(p)
@@ -368,6 +386,127 @@ def pick(samples: list, n: int) -> list:
     return samples[::step][:n]
 
 
+# ---------------------------------------------------------------------------------------------- serving
+
+@contextlib.contextmanager
+def served(model_uri: str, folder: Path, environ: Mapping[str, str],
+           startup_s: float = SERVE_STARTUP_S) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` in this environment (`--env-manager local`), on a free loopback port,
+    run in `folder` with `environ` (its log in `folder/serve.log`); yields its URL once /ping answers, and stops
+    it with its workers (its own process group) on exit."""
+    port = find_free_port()
+    # MLflow starts uvicorn by name: the one beside this interpreter, even where its folder is not on PATH
+    env = {**environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])}
+    log_path = folder / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                                    "local", "-h", "127.0.0.1", "-p", str(port)], cwd=folder, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while not _answers(f"{url}/ping"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow models serve {'exited' if process.poll() is not None else 'did not answer'}"
+                                   f" within {startup_s:.0f} s; its log:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def request_body(photos: list[bytes]) -> bytes:
+    """The JSON that asks the served model about these photos (files' bytes), one row each."""
+    import mlflow_model
+
+    rows = [[base64.b64encode(photo).decode("ascii")] for photo in photos]
+    return json.dumps({"dataframe_split": {"columns": [mlflow_model.IMAGE_COLUMN], "data": rows}}).encode()
+
+
+def invoke(url: str, body: bytes, timeout: float = 120) -> tuple[int, dict]:
+    """POST `body` (JSON) to the served model's /invocations: the HTTP status and the JSON answer, an error's too."""
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def measure_serve(args: argparse.Namespace, tmp: Path) -> dict:
+    """One photo answered by `mlflow models serve` of --serve, and by the same model in this process."""
+    import mlflow
+    import pandas as pd
+
+    import log_experiment
+    import mlflow_model
+
+    root = Path(args.data) if args.data else generate_images(tmp / "images", args.latency_reps)
+    photos = [Path(path).read_bytes() for path, _ in pick(data_loader.scan_image_folder(root).samples,
+                                                          args.latency_reps)]
+    store = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    # its artifacts in the temporary folder too: MLflow's default is ./mlruns in the working folder
+    experiment = mlflow.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
+    progress(f"logging {args.serve} as an MLflow model")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_experiment.log_model(args.serve)
+    uri = f"runs:/{run.info.run_id}/model"
+    in_process = mlflow.pyfunc.load_model(uri)
+    progress(f"serving {uri} (mlflow models serve), then {len(photos)} photos from {root}")
+    start = time.perf_counter()
+    with served(uri, tmp, {**os.environ, "MLFLOW_TRACKING_URI": store}) as url:
+        startup_s = time.perf_counter() - start
+        bodies = itertools.cycle([request_body([photo]) for photo in photos])
+        frames = itertools.cycle([pd.DataFrame({mlflow_model.IMAGE_COLUMN: [photo]}) for photo in photos])
+        answers: list[dict] = []
+
+        def over_http() -> int:
+            status, answer = invoke(url, next(bodies))
+            if status != 200:
+                raise RuntimeError(f"the served model answered HTTP {status}: {answer}")
+            answers.extend(answer["predictions"])
+            return 1
+
+        res = interleaved({"served": over_http, "in_process": lambda: len(in_process.predict(next(frames)))},
+                          args.latency_reps, warmup=2, pause=LATENCY_PAUSE_S)
+    timed = answers[-args.latency_reps:]
+    return {
+        "settings": {"serve": str(args.serve), "data": str(root), "photos": len(photos), "requests": args.latency_reps,
+                     "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+        "serve": {**{f"{name}_{q_name}_ms": float(np.percentile(res[name][0], q)) * 1e3
+                     for name in ("served", "in_process") for q, q_name in ((50, "p50"), (95, "p95"))},
+                  "startup_s": startup_s,
+                  "hands_found": sum(bool(a["hand_found"]) for a in timed), "answered": len(timed)},
+    }
+
+
+def serve_table(results: dict) -> str:
+    figures = results["serve"]
+    return "\n".join([
+        f"mlflow models serve, one photo over HTTP on loopback: p50 {figures['served_p50_ms']:.1f} ms, "
+        f"p95 {figures['served_p95_ms']:.1f} ms",
+        f"the same model in this process (no HTTP): p50 {figures['in_process_p50_ms']:.1f} ms, "
+        f"p95 {figures['in_process_p95_ms']:.1f} ms",
+        f"a hand found in {figures['hands_found']} of {figures['answered']} timed photos; server up in "
+        f"{figures['startup_s']:.1f} s"])
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def figure(unit: str, baseline: float, ours: float, better: str) -> dict:
@@ -511,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # as pt_train.py trains on a GPU; no effect on the CPU
     with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
-        results = measure(args, Path(tmp))
-    print(table(results))
+        results = measure_serve(args, Path(tmp)) if args.serve else measure(args, Path(tmp))
+    print(serve_table(results) if args.serve else table(results))
     print(json.dumps(results, indent=2))
     if args.json:
         run_artifacts.save_json(results, args.json)

@@ -12,10 +12,12 @@ figures; every JSON file of the training folder (classes, transform, config, spl
 its model card (MODEL_CARD.md); and the best checkpoint as the MLflow model `model` (optionally registered).
 `evaluate.py --mlflow_run RUN_ID` adds its report through `log_evaluation`, and the card as evaluate left it.
 
-The model is logged in MLflow 3's default "pt2" format: a `torch.export` graph that loads without unpickling
-and without this project's code. It outputs logits; its MLmodel metadata carries the classes, the transform and
-the softmax temperature, so `predict.load_predictor("models:/NAME/VERSION")` rebuilds the same Predictor
-(loading is the serving side's: predict.py, which never imports this module).
+The model is logged as the MLflow model of mlflow_model.py (`log_model`): a photo in, the app's answer out, so
+`mlflow models serve -m runs:/RUN_ID/model` serves what the app serves (see mlflow_model.py for the input and the
+output). It carries the checkpoint (what serving needs of it), its image network's ONNX export, MediaPipe's hand
+model for a hand-aware model, and the project modules it runs on, with their pinned requirements; it loads
+without unpickling anything. `predict.load_predictor("models:/NAME/VERSION")` loads its checkpoint (loading is
+the serving side's: predict.py and mlflow_model.py, which never import this module).
 
 Tracking never costs the training: the first MLflow call that fails for a tracking reason (the server
 unreachable or refusing: connection errors, MlflowException) logs one warning and ends tracking for that run;
@@ -37,10 +39,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
 import data_loader
+import hands
 import model_card
 import predict
 import run_artifacts
@@ -171,35 +171,49 @@ def run_files(save_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(save_dir).glob("*.json")) + ([card] if card.is_file() else [])
 
 
-def log_model(model_source: str | os.PathLike, register: str | None = None) -> ModelInfo:
-    """Log a trained model (training folder or checkpoint) to the active run as `model`; returns MLflow's
-    ModelInfo. With `register`, also creates a new version of that registered model."""
+def log_model(model_source: str | os.PathLike, register: str | None = None,
+              hand_model: str | os.PathLike | None = None) -> ModelInfo:
+    """Log a trained model (training folder or checkpoint) to the active run as `model`, the MLflow model of
+    mlflow_model.py; returns MLflow's ModelInfo. With `register`, also creates a new version of that registered
+    model. A hand-aware model carries `hand_model` (default: the cached bundle, hands.hand_model_path)."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    predictor = predict.load_predictor(model_source)  # on the CPU: the exported graph keeps its device
-    crop = predictor.transform_cfg["crop_size"]
-    # a batch of 2: torch.export fixes any dimension of size 1, and the batch size must stay free
-    example = np.zeros((2, 3, crop, crop), dtype=np.float32)
-    with torch.no_grad():
-        logits = predictor.model(torch.from_numpy(example)).numpy()
-    if predictor.uses_hands:  # the landmark network rides along as a weights-only file of the same run
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / predict.HAND_NET_ARTIFACT
-            run_artifacts.save_checkpoint(predictor.hand_net.state_dict(), path)
-            mlflow.log_artifact(str(path))
-    return mlflow.pytorch.log_model(
-        predictor.model, name=MODEL_NAME, input_example=example, signature=infer_signature(example, logits),
-        # the CLI arguments are the run's params already; the rest rebuilds a Predictor (load_logged_model)
-        metadata={k: v for k, v in predictor.metadata.items() if k != "args"},
-        registered_model_name=register,
-        # an exported graph needs torch alone; this also skips MLflow's requirement inference, which imports
-        # the model in a subprocess (~20 s)
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    import mlflow_model
+
+    path = predict.checkpoint_path(model_source)
+    ckpt = predict.read_checkpoint(path)
+    try:
+        net = predict.model_from_checkpoint(ckpt)
+    except predict.ModelLoadError as err:
+        raise predict.ModelLoadError(f"'{path}' cannot be logged: {err}.") from None
+    crop = ckpt["metadata"]["transform"]["crop_size"]
+    with tempfile.TemporaryDirectory(prefix="asl-model-") as tmp:
+        checkpoint = Path(tmp) / "checkpoint.pt"
+        run_artifacts.save_checkpoint(run_artifacts.for_serving(ckpt), checkpoint)
+        artifacts = {predict.LOGGED_CHECKPOINT: str(checkpoint),
+                     predict.LOGGED_ONNX: str(predict.export_onnx(net, Path(tmp) / "image_net.onnx", (3, crop, crop)))}
+        if "hand_net" in ckpt:
+            artifacts[mlflow_model.HAND_MODEL] = str(hands.hand_model_path(hand_model))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=mlflow_model.__file__, artifacts=artifacts,
+            code_paths=[str(PROJECT_DIR / f"{module}.py") for module in mlflow_model.SERVING_MODULES],
+            signature=mlflow_model.SIGNATURE, input_example=mlflow_model.input_example(),
+            registered_model_name=register,
+            # pinned as here; MLflow's own inference would load the model in a subprocess to find them (~20 s)
+            pip_requirements=serving_requirements(mlflow_model.SERVING_PACKAGES))
+
+
+def serving_requirements(packages: Iterable[str], requirements: Path = PROJECT_DIR / "requirements.txt"
+                         ) -> list[str]:
+    """The lines of requirements.txt that pin `packages` (named as pip names them, in any case)."""
+    wanted = {name.lower().replace("_", "-") for name in packages}
+    return [line.strip() for line in requirements.read_text().splitlines()
+            if line.split("==")[0].strip().lower().replace("_", "-") in wanted]
 
 
 def _log_results(metrics: Mapping[str, float], files: Iterable[str | os.PathLike],
-                 model_source: str | os.PathLike | None, register: str | None) -> None:
+                 model_source: str | os.PathLike | None, register: str | None,
+                 hand_model: str | os.PathLike | None = None) -> None:
     """The end of a run, into the active run: final metrics, files, and the model."""
     import mlflow
 
@@ -207,7 +221,7 @@ def _log_results(metrics: Mapping[str, float], files: Iterable[str | os.PathLike
     for path in files:
         mlflow.log_artifact(str(path))
     if model_source is not None:
-        log_model(model_source, register)
+        log_model(model_source, register, hand_model)
 
 
 def create_experiment(experiment_name: str, run_name: str | None, run_metrics: Mapping[str, float],
@@ -308,7 +322,8 @@ class TrainingTracker:
         import mlflow
 
         history = run_artifacts.load_json(self.save_dir / "history.json")
-        _log_results(best_epoch_metrics(history), run_files(self.save_dir), self.save_dir, self.args.register)
+        _log_results(best_epoch_metrics(history), run_files(self.save_dir), self.save_dir, self.args.register,
+                     self.args.hand_model)
         mlflow.end_run()
 
     def _guard(self, what: str, action: Callable[[], None]) -> None:

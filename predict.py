@@ -2,11 +2,15 @@
 
 A training output folder (or a single checkpoint) holds everything needed: the weights, the architecture,
 the class names and the transform settings, so nothing here depends on how the model was trained. A model
-logged to MLflow (`runs:/RUN_ID/model`, `models:/NAME/VERSION`, written by log_experiment.py) loads the same
-way (`load_logged_model`; MLflow is imported only then).
+logged to MLflow (`runs:/RUN_ID/model`, `models:/NAME/VERSION`: the MLflow model of mlflow_model.py, which
+log_experiment.py logs) carries its checkpoint as an artifact, and loads the same way: the checkpoint (and its
+ONNX export, for that backend) is downloaded with MLflow (`download_logged_model`; MLflow is imported only then)
+and loaded as any checkpoint. The MLflow model itself serves through this module too (`load_predictor` on its
+artifacts), so a photo gets the same answer from the app, evaluate.py and `mlflow models serve`.
 
-Serving stays apart from training: this module (and so evaluate.py and the app) imports neither the training
-engine nor the tracker (tests/test_predict.py checks it); log_experiment.py imports this one, never the reverse.
+Serving stays apart from training: this module (and so evaluate.py, the app and mlflow_model.py) imports neither
+the training engine nor the tracker (tests/test_predict.py checks it); log_experiment.py imports this one, never
+the reverse.
 
 A hand-aware model (`pt_train.py --hands crop`, the default, or `--hands fused`) also finds the hand with
 MediaPipe (hands.py) and reads its landmarks with a small network; a crop model's image network reads the square
@@ -17,16 +21,17 @@ whatever the probability (`decide`): on another person's photos that disagreemen
 answers (README, "Other people's hands").
 `Predictor.read` returns the hand with the probabilities, for the app to draw and to say when there is none.
 
-`load_predictor(..., backend="onnx")` serves a checkpoint with ONNX Runtime instead of eager PyTorch: the
+`load_predictor(..., backend="onnx")` serves the image network with ONNX Runtime instead of eager PyTorch: the
 same predictions (tests/test_fast_paths.py) at a fraction of the single-image latency on the CPU (bench.py).
-The network is exported once to `<checkpoint>.onnx` beside the checkpoint (`export_onnx`), which is also
-the file to hand to any other ONNX runtime.
+The network is exported once to `<checkpoint>.onnx` beside the checkpoint (`export_onnx`); a logged MLflow model
+carries its own export. export.py writes both networks for any other ONNX runtime.
 """
 from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -55,7 +60,10 @@ THRESHOLD_STEPS = tuple(round(i * THRESHOLD_STEP, 2) for i in range(round(1 / TH
 # (pt_train.py --calibration_path) records the lowest threshold that reached it on them as its own default.
 ANSWER_PRECISION = 0.97
 NO_SIGN = "nothing"  # the class of the Kaggle dataset for "no hand in view"
-HAND_NET_ARTIFACT = "hand_net.pt"  # a hand-aware model's landmark network, beside its logged MLflow model
+# The artifacts of a logged MLflow model (mlflow_model.py) that load it here: its checkpoint (what serving needs of
+# it: run_artifacts.for_serving) and its image network's ONNX export
+LOGGED_CHECKPOINT = "checkpoint"
+LOGGED_ONNX = "image_net_onnx"
 
 
 class ModelLoadError(UsageError):
@@ -265,6 +273,12 @@ class Predictor:
         probs, agreed = self.combine(self.predict_batch(batch), found)
         return [Reading(p, hand, same) for p, hand, same in zip(probs, found, agreed)]
 
+    def verdict(self, reading: Reading, threshold: float | None = None) -> Verdict:
+        """The app's answer for one Reading (`decide`) at `threshold` (default: the model's own, `threshold`): for a
+        hand-aware model, no hand found means no sign."""
+        return decide(self.classes, reading.probs, reading.hand is not None if self.uses_hands else None,
+                      self.threshold if threshold is None else threshold, reading.agreed)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's input for one RGB image (resized, cropped, normalised)."""
         return self.transform(image)
@@ -279,7 +293,8 @@ class Predictor:
         """Class probabilities, one row per image."""
         return torch.stack([reading.probs for reading in self.read(images)])
 
-    def top_k(self, image: Image.Image, k: int = 5, probs: torch.Tensor | None = None) -> list[tuple[str, float]]:
+    def top_k(self, image: Image.Image | None, k: int = 5, probs: torch.Tensor | None = None
+              ) -> list[tuple[str, float]]:
         """The k most likely classes for one image (or for its `probs`, already read), most likely first."""
         probs = self.predict([image])[0] if probs is None else probs
         values, indices = probs.topk(min(k, len(self.classes)))
@@ -307,13 +322,15 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(logits)
 
 
-def export_onnx(net: nn.Module, path: str | os.PathLike, crop_size: int) -> Path:
-    """Write `net` as an ONNX model of float32 NCHW `images` to `logits`, any batch size; atomically."""
+def export_onnx(net: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], input_name: str = "images"
+                ) -> Path:
+    """Write `net` as an ONNX model of a float32 batch `input_name` (any batch size of `input_shape`) to `logits`,
+    in one file; atomically. An image network takes (3, crop, crop) `images`, the landmark network (features,)."""
     # a batch of 2: torch.export specialises a size-1 dimension, which would fix the batch size at 1
-    example = torch.randn(2, 3, crop_size, crop_size)
+    example = torch.randn(2, *input_shape)
     with run_artifacts.atomic_path(path) as tmp:
         torch.onnx.export(net.cpu().eval(), (example,), tmp, dynamo=True, external_data=False,
-                          input_names=["images"], output_names=["logits"],
+                          input_names=[input_name], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},),
                           verbose=None if terminal.verbose() else False)  # None: its progress lines
     return Path(path)
@@ -323,7 +340,7 @@ def _onnx_beside(checkpoint: Path, net: nn.Module, crop_size: int) -> Path:
     """`<checkpoint>.onnx`, exported first when it is missing or older than the checkpoint."""
     path = checkpoint.with_suffix(".onnx")
     if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
-        export_onnx(net, path, crop_size)
+        export_onnx(net, path, (3, crop_size, crop_size))
     return path
 
 
@@ -345,22 +362,26 @@ def read_checkpoint(path: Path) -> dict:
         raise ModelLoadError(f"'{path}' is not a model checkpoint written by pt_train.py: {err}.") from None
 
 
-def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu",
-                   backend: str = "torch", hand_model: str | None = None) -> Predictor:
+def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch",
+                   hand_model: str | None = None, onnx_file: str | os.PathLike | None = None) -> Predictor:
     """A Predictor from a training output folder, a checkpoint file, or an MLflow model URI.
 
-    `backend="onnx"` runs a checkpoint's image network with ONNX Runtime on the CPU (see the module docstring);
-    `hand_model` a MediaPipe bundle of the user's instead of the cached one.
+    `backend="onnx"` runs the image network with ONNX Runtime on the CPU (see the module docstring): `onnx_file`,
+    an export of this checkpoint's network, or else the one beside the checkpoint (exported first where missing or
+    older), or a logged model's own; `hand_model` a MediaPipe bundle of the user's instead of the cached one.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "onnx" and (torch.device(device).type != "cpu" or str(source).startswith(MLFLOW_URI_SCHEMES)):
-        raise ModelLoadError("The ONNX backend serves a checkpoint file on the CPU; use backend='torch' for "
-                             "GPUs and MLflow URIs.")
+    if backend == "onnx" and torch.device(device).type != "cpu":
+        raise ModelLoadError("The ONNX backend runs on the CPU; use backend='torch' for GPUs.")
     if str(source).startswith(MLFLOW_URI_SCHEMES):
-        net, meta, hand_net = load_logged_model(str(source))
-        return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, [], hand_net,
-                         hand_model)
+        with tempfile.TemporaryDirectory(prefix="asl-logged-model-") as tmp:
+            # everything is read into memory here (ONNX Runtime too), so the download goes with the folder
+            checkpoint, onnx_export = download_logged_model(str(source), Path(tmp), onnx=backend == "onnx")
+            try:
+                return load_predictor(checkpoint, device, backend, hand_model, onnx_export)
+            except ModelLoadError as err:  # named after the URI the user gave, not the temporary download
+                raise ModelLoadError(f"The logged model '{source}' cannot be used: {err}") from None
     path = checkpoint_path(source)
     ckpt = read_checkpoint(path)
     meta = ckpt["metadata"]
@@ -370,56 +391,31 @@ def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu"
         raise ModelLoadError(f"'{path}' cannot be loaded: {err}. Retrain, or point to the checkpoint that goes "
                              "with this metadata.") from None
     if backend == "onnx":
-        net = OnnxModule(_onnx_beside(path, net, meta["transform"]["crop_size"]))
+        net = OnnxModule(onnx_file or _onnx_beside(path, net, meta["transform"]["crop_size"]))
     return Predictor(net, meta["classes"], meta["transform"], torch.device(device), meta, ckpt.get("history", []),
                      hand_net, hand_model)
 
 
-class ExportedModel(nn.Module):
-    """A logged model's `torch.export` graph as a module. The graph was exported in eval mode and stays in it:
-    torch refuses train()/eval() on such graphs, so here they change nothing."""
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.graph(images)
-
-    def train(self, mode: bool = True) -> ExportedModel:
-        return self
-
-
-def load_logged_model(uri: str) -> tuple[nn.Module, dict, nn.Module | None]:
-    """The network, metadata (classes, transform, temperature) and landmark network (None unless hand-aware) of
-    a model that log_experiment.py logged, from an MLflow URI: `runs:/RUN_ID/model` or `models:/NAME/VERSION`,
-    in the store MLFLOW_TRACKING_URI names."""
+def download_logged_model(uri: str, folder: Path, onnx: bool = False) -> tuple[Path, Path | None]:
+    """The checkpoint of a model that log_experiment.py logged, and with `onnx` its image network's ONNX export,
+    downloaded into `folder` from an MLflow URI (`runs:/RUN_ID/model` or `models:/NAME/VERSION`, in the store
+    MLFLOW_TRACKING_URI names); a ModelLoadError saying what to check when that fails."""
     import mlflow  # here, not at the top: slow to import, and only this kind of source needs it
     from mlflow.exceptions import MlflowException
 
-    tracking_uri = mlflow.get_tracking_uri()
     try:
-        info = mlflow.models.get_model_info(uri)
-        metadata: Mapping = info.metadata or {}
-        graph = mlflow.pytorch.load_model(uri)  # MLflow checks the pt2 archive holds no pickles before loading
-        hand_file = (mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=HAND_NET_ARTIFACT)
-                     if "hands" in metadata else None)
+        # the model's MLmodel file alone first: it says where in the model its artifacts are
+        logged = mlflow.models.Model.load(uri).flavors.get("python_function", {}).get("artifacts", {})
+        if LOGGED_CHECKPOINT not in logged:
+            raise ModelLoadError(f"'{uri}' carries no checkpoint: only models logged by pt_train.py --mlflow or "
+                                 "log_experiment.py can be loaded here (log its training folder again with "
+                                 "python log_experiment.py SAVE_DIR).")
+        names = [LOGGED_CHECKPOINT, *([LOGGED_ONNX] if onnx else [])]
+        files = [Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{logged[name]['path']}",
+                                                          dst_path=str(folder / name))) for name in names]
     except (MlflowException, OSError) as err:  # OSError: connection errors and missing files alike
         raise ModelLoadError(
-            f"Could not load '{uri}' from MLflow at {tracking_uri} ({type(err).__name__}: {str(err)[:300]}). "
-            "Check the run id (runs:/RUN_ID/model) or the registered name and version (models:/NAME/VERSION), "
-            "and that MLFLOW_TRACKING_URI names the store that holds it.") from None
-    if not {"classes", "transform"} <= metadata.keys():
-        raise ModelLoadError(f"'{uri}' has no classes and transform in its metadata: only models logged by "
-                             "pt_train.py --mlflow or log_experiment.py can be loaded here.")
-    metadata = dict(metadata)
-    hand_net = None
-    if hand_file is not None:
-        try:
-            hand_net = hand_net_from_checkpoint({"metadata": metadata,
-                                                 "hand_net": run_artifacts.load_checkpoint(hand_file)})
-        except (ModelLoadError, pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ModelLoadError(f"'{uri}' cannot be loaded: its {HAND_NET_ARTIFACT} artifact is not the landmark "
-                                 f"network its metadata describes ({err}). Log the model again with "
-                                 "log_experiment.py.") from None
-    return ExportedModel(graph), metadata, hand_net
+            f"Could not load '{uri}' from MLflow at {mlflow.get_tracking_uri()} ({type(err).__name__}: "
+            f"{str(err)[:300]}). Check the run id (runs:/RUN_ID/model) or the registered name and version "
+            "(models:/NAME/VERSION), and that MLFLOW_TRACKING_URI names the store that holds it.") from None
+    return files[0], files[1] if onnx else None

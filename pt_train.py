@@ -320,9 +320,8 @@ def hand_mode(meta: dict) -> str:
 def _load_init(args: argparse.Namespace) -> dict:
     """The model to fine-tune (--init_from): its checkpoint, checked by the loader the app uses."""
     if str(args.init_from).startswith(predict.MLFLOW_URI_SCHEMES):
-        raise UsageError(f"--init_from {args.init_from}: a logged MLflow model is an exported graph, which cannot "
-                         "be trained further; fine-tune its training folder (--save_dir of pt_train.py) or its "
-                         "best.pt instead.")
+        raise UsageError(f"--init_from {args.init_from}: a logged MLflow model cannot be trained further here; "
+                         "fine-tune its training folder (--save_dir of pt_train.py) or its best.pt instead.")
     path = predict.checkpoint_path(args.init_from)
     ckpt = predict.read_checkpoint(path)
     try:

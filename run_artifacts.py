@@ -9,7 +9,8 @@ or cache, and two processes writing the same file never mix their bytes. Checkpo
 A checkpoint is a dict with `model` (the state dict) and `metadata` (architecture, classes, transform:
 enough to rebuild the network without the training code); one that training resumes from also has the
 optimizer, scheduler, scaler, counters, history and RNG state (`RESUME_KEYS`). A hand-aware model also has
-`hand_net` (the landmark network's state dict) and `metadata["hands"]` (its settings and calibration).
+`hand_net` (the landmark network's state dict) and `metadata["hands"]` (its settings and calibration). What
+serving needs of it (`for_serving`: no optimizer, no RNG state) is what a logged MLflow model carries.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from errors import UsageError
 MODEL_KEYS = ("model", "metadata")
 METADATA_KEYS = ("arch", "num_classes", "classes", "transform")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_val_loss", "bad_epochs", "history", "rng")
+SERVING_KEYS = (*MODEL_KEYS, "hand_net", "history")  # history: the figures the app shows beside the model
 
 
 class CheckpointError(UsageError):
@@ -110,3 +112,8 @@ def check_checkpoint(ckpt, *, resume: bool = False) -> dict:
         raise CheckpointError(f"its metadata lists {len(meta['classes'])} classes but says num_classes "
                               f"{meta['num_classes']}")
     return ckpt
+
+
+def for_serving(ckpt: dict) -> dict:
+    """The part of a checkpoint that serving reads (`SERVING_KEYS`), without what only resuming needs."""
+    return {key: ckpt[key] for key in SERVING_KEYS if key in ckpt}

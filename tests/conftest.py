@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny synthetic image folders the suite makes itself, and the real images when present."""
+"""Shared fixtures: tiny synthetic image folders and image files (odd, broken, huge) the suite makes itself, and the
+real images when present."""
 from __future__ import annotations
 
+import functools
+import io
 import os
 import sys
 from pathlib import Path
@@ -38,6 +41,57 @@ def make_image_folder(root: Path, classes=("A", "B", "C"), per_class: int = 12, 
             img[y:y + q, x:x + q] = 255
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{name}{n}.jpg", quality=90)
     return root
+
+
+# photos as files someone sends: decoding, limits, damage (image_io, the app, the MLflow model)
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Blocky random colours: survives JPEG well enough to compare pixels, and every rotation differs."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return blocks.repeat(4, axis=0).repeat(4, axis=1)[:height, :width]
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg() -> tuple[bytes, np.ndarray]:
+    """A 60x30 JPEG tagged 'rotate 90 degrees clockwise to view' (EXIF orientation 6), and its upright pixels.
+
+    The upright pixels come from rotating the decoded raw pixels with numpy, independently of PIL's EXIF code.
+    """
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(noise(60, 30)), "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as raw:
+        upright = np.rot90(np.asarray(raw.convert("RGB")), k=-1)
+    return data, upright
+
+
+def sixteen_bit_png(gray: np.ndarray) -> bytes:
+    return encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+
+
+@functools.cache
+def bomb_png() -> bytes:
+    """A 12000x12000 PNG of 17 KB: 144 megapixels once decoded."""
+    return encode(Image.new("1", (12000, 12000)), "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(Image.fromarray(noise(120, 120)), "JPEG", quality=95)
+    return data[: len(data) // 2]
+
+
+def rgba_png() -> tuple[bytes, np.ndarray]:
+    """A half-transparent RGBA PNG and what it looks like on a white page."""
+    rgb = noise(40, 40)
+    alpha = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (40, 1))
+    on_white = rgb * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255)
+    return encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), on_white
+
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ in an exception on the page, and Teach mode writes nothing outside its folder.
 """
 from __future__ import annotations
 
-import functools
 import io
 import re
 import shlex
@@ -26,107 +25,14 @@ from torch import nn
 import app
 import data_loader
 import hands
+import image_io
 import model as models
 import predict
-from conftest import ROOT, make_image_folder
+from conftest import (ROOT, bomb_png, encode, exif_rotated_jpeg, make_image_folder, noise, rgba_png,
+                      sixteen_bit_png, truncated_jpeg)
 
 APP = str(ROOT / "app.py")
 PREDICTION = re.compile(r"Prediction: \*\*(.+)\*\*, probability \*\*([\d.]+)%\*\*")
-
-
-# ---------------------------------------------------------------------------------------------- test images
-
-def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Blocky random colours: survives JPEG well enough to compare pixels, and every rotation differs."""
-    blocks = np.random.default_rng(seed).integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
-    return blocks.repeat(4, axis=0).repeat(4, axis=1)[:height, :width]
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
-def exif_rotated_jpeg() -> tuple[bytes, np.ndarray]:
-    """A 60x30 JPEG tagged 'rotate 90 degrees clockwise to view' (EXIF orientation 6), and its upright pixels.
-
-    The upright pixels come from rotating the decoded raw pixels with numpy, independently of PIL's EXIF code.
-    """
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    data = encode(Image.fromarray(noise(60, 30)), "JPEG", quality=95, exif=exif.tobytes())
-    with Image.open(io.BytesIO(data)) as raw:
-        upright = np.rot90(np.asarray(raw.convert("RGB")), k=-1)
-    return data, upright
-
-
-def sixteen_bit_png(gray: np.ndarray) -> bytes:
-    return encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
-
-
-@functools.cache
-def bomb_png() -> bytes:
-    """A 12000x12000 PNG of 17 KB: 144 megapixels once decoded."""
-    return encode(Image.new("1", (12000, 12000)), "PNG")
-
-
-def truncated_jpeg() -> bytes:
-    data = encode(Image.fromarray(noise(120, 120)), "JPEG", quality=95)
-    return data[: len(data) // 2]
-
-
-def rgba_png() -> tuple[bytes, np.ndarray]:
-    """A half-transparent RGBA PNG and what it looks like on a white page."""
-    rgb = noise(40, 40)
-    alpha = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (40, 1))
-    on_white = rgb * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255)
-    return encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), on_white
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-def test_decoding_applies_exif_rotation():
-    data, upright = exif_rotated_jpeg()
-    image = app.decode_image(data, "phone.jpg")
-    assert image.size == (30, 60) and np.array_equal(np.asarray(image), upright)
-
-
-def test_decoding_grayscale_rgba_cmyk_and_16_bit():
-    gray = noise(40, 40)[..., 0]
-    assert np.array_equal(np.asarray(app.decode_image(encode(Image.fromarray(gray), "PNG"), "g.png")),
-                          np.dstack([gray] * 3))
-    decoded = np.asarray(app.decode_image(sixteen_bit_png(gray), "deep.png")).astype(int)
-    assert np.abs(decoded - np.dstack([gray] * 3)).max() <= 1  # not clipped to white
-    data, on_white = rgba_png()
-    assert np.abs(np.asarray(app.decode_image(data, "a.png")).astype(int) - on_white).max() <= 1
-    rgb = noise(64, 64)
-    cmyk = encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
-    assert np.abs(np.asarray(app.decode_image(cmyk, "print.jpg")).astype(int) - rgb).mean() < 10
-
-
-def test_large_images_are_downscaled_keeping_their_shape():
-    data = encode(Image.fromarray(noise(4000, 3000)), "JPEG", quality=70)
-    image = app.decode_image(data, "camera.jpg")
-    assert image.size == (app.MAX_SIDE, app.MAX_SIDE * 3 // 4) and image.mode == "RGB"
-
-
-@pytest.mark.parametrize("data, message", [
-    (b"", "is empty"),
-    (b"%PDF-1.7 this is a document, not a picture", "not an image"),
-    (truncated_jpeg(), "truncated or damaged"),
-    (b"\0" * (app.MAX_UPLOAD_MB * 2**20 + 1), f"the limit is {app.MAX_UPLOAD_MB} MB"),
-])
-def test_unusable_bytes_are_refused_with_the_reason(data, message):
-    with pytest.raises(app.InputError, match=message):
-        app.decode_image(data, "upload.jpg")
-
-
-@pytest.mark.parametrize("make", [lambda: encode(Image.new("1", (8000, 7000)), "PNG"), bomb_png],
-                         ids=["over the app limit", "over PIL's limit"])
-def test_huge_images_are_refused_before_decoding(make):
-    with pytest.raises(app.InputError, match=r"too large .*Downscale it"):
-        app.decode_image(make(), "huge.png")
 
 
 # ---------------------------------------------------------------------------------------------- other helpers
@@ -194,16 +100,6 @@ def test_grad_cam_works_on_both_architectures(arch):
     assert app.overlay(np.zeros((64, 64, 3), np.uint8), heat).dtype == np.uint8
 
 
-def test_grad_cam_is_unavailable_for_an_exported_graph():
-    # what an MLflow "pt2" model is: one flat torch.export graph, no layers to hook
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(4, 2)).eval()
-    graph = torch.export.export(net, (torch.zeros(2, 3, 32, 32),),
-                                dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-    predictor = tiny_predictor(predict.ExportedModel(graph), ["a", "b"], 32)
-    assert app.grad_cam(predictor, Image.fromarray(noise(32, 32)), 0) is None
-
-
 # ---------------------------------------------------------------------------------------------- Teach's folder
 
 CLASSES = ["A", "B", "del"]
@@ -253,11 +149,11 @@ def test_a_new_finetuning_never_lands_on_an_earlier_model(tmp_path):
     assert app.free_run_dir(tmp_path, "my_hand") == tmp_path / "my_hand-3"
 
 
-@pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not an image"),
+@pytest.mark.parametrize("data, message", [(b"", "is empty"), (b"GIF89a not really", "not a readable image"),
                                            (truncated_jpeg(), "truncated or damaged"), (bomb_png(), "too large")],
                          ids=["empty", "not an image", "truncated", "bomb"])
 def test_a_bad_upload_is_refused_and_nothing_is_written(tmp_path, data, message):
-    with pytest.raises(app.InputError, match=message):
+    with pytest.raises(image_io.ImageError, match=message):
         app.save_photo(tmp_path / "mine", "A", data, CLASSES, "upload.jpg")
     assert files_under(tmp_path) == []
 
@@ -481,7 +377,7 @@ def odd_images() -> dict[str, tuple[str, bytes]]:
 @pytest.mark.parametrize("kind", odd_images())
 def test_odd_but_valid_images_are_predicted(page, predictor, kind):
     name, data = odd_images()[kind]
-    assert shown_prediction(upload(page(), name, data)) == expected(predictor, app.decode_image(data, name))
+    assert shown_prediction(upload(page(), name, data)) == expected(predictor, image_io.decode_photo(data, name))
 
 
 def test_an_exif_rotated_photo_is_predicted_upright(page, predictor):
@@ -496,11 +392,11 @@ def test_an_exif_rotated_photo_is_predicted_upright(page, predictor):
 def test_a_huge_photo_is_downscaled_and_predicted(page):
     at = upload(page(), "big.jpg", encode(Image.fromarray(noise(3000, 1500)), "JPEG", quality=70))
     shown_prediction(at)
-    assert captions(at)[0] == f"Your image ({app.MAX_SIDE}x{app.MAX_SIDE // 2})"
+    assert captions(at)[0] == f"Your image ({image_io.MAX_SIDE}x{image_io.MAX_SIDE // 2})"
 
 
 @pytest.mark.parametrize("name, make, message", [
-    ("notes.jpg", lambda: b"just some text, no picture", "is not an image this app can read"),
+    ("notes.jpg", lambda: b"just some text, no picture", "is not a readable image"),
     ("cut.jpg", truncated_jpeg, "could not be decoded: the file is truncated or damaged"),
     ("bomb.png", bomb_png, "is too large"),
     ("empty.png", lambda: b"", "is empty"),
@@ -635,7 +531,7 @@ def test_teach_mode_saves_each_upload_once_and_deletes_a_photo(page, tmp_path, s
                                    ("notes.jpg", b"just text", "image/jpeg"),
                                    ("B2.jpg", jpeg(synthetic_dir, "B2.jpg"), "image/jpeg")]).run()
     (error,) = at.error
-    assert "'notes.jpg' is not an image this app can read" in error.value and "It was not saved." in error.value
+    assert "'notes.jpg' is not a readable image" in error.value and "It was not saved." in error.value
     assert at.success[0].value == "Saved 2 photos of 'B'."
     photos = sorted((collect / "B").iterdir())
     assert len(photos) == 2 and files_under(collect) == ["B", *(f"B/{p.name}" for p in photos)]

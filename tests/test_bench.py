@@ -37,6 +37,22 @@ def test_quick_bench_prints_the_table_and_every_figure(tmp_path):
     assert results["settings"]["device"] in ("cpu", "cuda") and results["settings"]["load_average"]
 
 
+@pytest.mark.slow
+def test_quick_serve_bench_reports_the_served_latency(trained_run, synthetic_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    # run from an empty folder: nothing may land in the working folder (MLflow's default store would)
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--serve", str(trained_run), "--data",
+                             str(synthetic_dir), "--quick", "--json", str(out)], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=800, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mlflow models serve, one photo over HTTP" in result.stdout
+    figures = json.loads(out.read_text())["serve"]
+    for name in ("served_p50_ms", "served_p95_ms", "in_process_p50_ms", "in_process_p95_ms", "startup_s"):
+        assert math.isfinite(figures[name]) and figures[name] > 0, name
+    assert figures["answered"] == 4 and figures["hands_found"] == 0  # an image-only model looks for none
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.json"]  # the store and the server's log went away
+
+
 def test_peak_memory_measures_a_block_shorter_than_its_sampling_interval():
     import bench
 

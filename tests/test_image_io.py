@@ -1,4 +1,5 @@
-"""image_io: the one image policy, and that every reader of images follows it (a decompression bomb included)."""
+"""image_io: the one image policy, that every reader of images follows it (a decompression bomb included), and the
+limits on a photo someone sends."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,8 @@ import data_loader
 import evaluate
 import image_cache
 import image_io
-from conftest import make_image_folder
+from conftest import (bomb_png, encode, exif_rotated_jpeg, make_image_folder, noise, rgba_png, sixteen_bit_png,
+                      truncated_jpeg)
 
 
 def bomb(path):
@@ -77,3 +79,48 @@ def test_datasets_cache_and_evaluate_skip_what_does_not_decode(folder_with_bad_f
     assert len(cached) == len(images.samples) - 1
     files = evaluate._ImageFiles([p for p, _ in images.samples], data_loader.eval_transform(cfg))
     assert files[bad] == (None, bad) and files[0][0] is not None
+
+
+# ---------------------------------------------------------------------------------------------- sent photos
+
+def test_a_photo_is_decoded_upright():
+    data, upright = exif_rotated_jpeg()
+    image = image_io.decode_photo(data, "phone.jpg")
+    assert image.size == (30, 60) and np.array_equal(np.asarray(image), upright)
+
+
+def test_a_grayscale_rgba_cmyk_or_16_bit_photo_is_decoded_to_rgb():
+    gray = noise(40, 40)[..., 0]
+    assert np.array_equal(np.asarray(image_io.decode_photo(encode(Image.fromarray(gray), "PNG"), "g.png")),
+                          np.dstack([gray] * 3))
+    decoded = np.asarray(image_io.decode_photo(sixteen_bit_png(gray), "deep.png")).astype(int)
+    assert np.abs(decoded - np.dstack([gray] * 3)).max() <= 1  # not clipped to white
+    data, on_white = rgba_png()
+    assert np.abs(np.asarray(image_io.decode_photo(data, "a.png")).astype(int) - on_white).max() <= 1
+    rgb = noise(64, 64)
+    cmyk = encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+    assert np.abs(np.asarray(image_io.decode_photo(cmyk, "print.jpg")).astype(int) - rgb).mean() < 10
+
+
+def test_large_photos_are_downscaled_keeping_their_shape():
+    data = encode(Image.fromarray(noise(4000, 3000)), "JPEG", quality=70)
+    image = image_io.decode_photo(data, "camera.jpg")
+    assert image.size == (image_io.MAX_SIDE, image_io.MAX_SIDE * 3 // 4) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "is empty"),
+    (b"%PDF-1.7 this is a document, not a picture", "not a readable image"),
+    (truncated_jpeg(), "truncated or damaged"),
+    (b"\0" * (image_io.MAX_PHOTO_MB * 2**20 + 1), f"the limit is {image_io.MAX_PHOTO_MB} MB"),
+])
+def test_unusable_photos_are_refused_with_the_reason(data, message):
+    with pytest.raises(image_io.ImageError, match=message):
+        image_io.decode_photo(data, "upload.jpg")
+
+
+@pytest.mark.parametrize("make", [lambda: encode(Image.new("1", (8000, 7000)), "PNG"), bomb_png],
+                         ids=["over the photo limit", "over PIL's limit"])
+def test_huge_photos_are_refused_before_decoding(make):
+    with pytest.raises(image_io.ImageTooLarge, match=r"too large .*Downscale it"):
+        image_io.decode_photo(make(), "huge.png")

@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.types.schema import DataType
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 import calibration
 import log_experiment
+import mlflow_model
 import predict
 import pt_train
 import run_artifacts
@@ -187,19 +189,27 @@ def test_the_run_holds_params_tags_epoch_metrics_and_files(tracked, synthetic_di
 
 
 @pytest.mark.parametrize("uri", ["runs:/{run_id}/model", f"models:/{REGISTERED}/1"])
-def test_the_logged_model_predicts_like_the_checkpoint(tracked, synthetic_dir, uri):
+def test_the_logged_model_predicts_like_the_checkpoint(tracked, synthetic_dir, tmp_path, uri):
     mlflow.set_tracking_uri(tracked.uri)
-    # MLflow refuses pickled models unless told otherwise: loading proves the model is a pickle-free pt2 graph
-    logged = predict.load_predictor(uri.format(run_id=tracked.run_id))
+    uri = uri.format(run_id=tracked.run_id)
+    logged = predict.load_predictor(uri)
     checkpoint = predict.load_predictor(tracked.save_dir)
     assert (logged.classes, logged.transform_cfg) == (checkpoint.classes, checkpoint.transform_cfg)
     assert logged.metadata["temperature"] == checkpoint.metadata["temperature"] != 1.0
+    assert logged.history == checkpoint.history
     images = [load_rgb(path) for path in sorted(synthetic_dir.rglob("*.jpg"))[::6]]  # 6 images, all classes
     expected = checkpoint.predict(images)
     torch.testing.assert_close(logged.predict(images), expected, rtol=1e-5, atol=1e-6)
     assert logged.top_k(images[0], 1) == checkpoint.top_k(images[0], 1)
-    signature = mlflow.models.get_model_info(uri.format(run_id=tracked.run_id)).signature
-    assert signature.inputs.inputs[0].shape == (-1, 3, 64, 64)  # any batch size
+    # the ONNX backend serves the export the model carries: nothing is exported when it loads
+    fast = predict.load_predictor(uri, backend="onnx")
+    assert isinstance(fast.model, predict.OnnxModule)
+    torch.testing.assert_close(fast.predict(images), expected, rtol=1e-4, atol=1e-5)
+    # the model takes photos (mlflow_model.py); its checkpoint is what serving needs, no training state
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs.input_names() == ["image"] and signature.inputs.input_types() == [DataType.binary]
+    saved, _ = predict.download_logged_model(uri, tmp_path)
+    assert set(run_artifacts.load_checkpoint(saved)) == {"model", "metadata", "history"}
 
 
 def _git_head() -> str | None:
@@ -379,6 +389,24 @@ def test_an_unknown_mlflow_model_is_a_clear_error(store, uri):
     assert uri in str(err.value) and store in str(err.value)
 
 
+def echo(model_input: list[str]) -> list[str]:
+    return model_input
+
+
+def test_a_model_logged_otherwise_is_refused_with_what_to_do(store):
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=echo, pip_requirements=[])
+    with pytest.raises(predict.ModelLoadError, match="carries no checkpoint.*python log_experiment.py SAVE_DIR"):
+        predict.load_predictor(f"runs:/{run.info.run_id}/model")
+
+
+def test_the_logged_model_requires_the_pinned_packages_it_imports():
+    pins = log_experiment.serving_requirements(mlflow_model.SERVING_PACKAGES)
+    assert len(pins) == len(mlflow_model.SERVING_PACKAGES) and all("==" in pin for pin in pins)
+    assert "mediapipe==1.2.3" in pins and not any(pin.startswith(("streamlit", "torchmetrics")) for pin in pins)
+
+
 # ----------------------------------------------------------------------------------------------- DagsHub
 
 @pytest.mark.parametrize("tracking_uri, repo, message", [
@@ -459,8 +487,10 @@ def test_a_hand_aware_model_is_logged_with_its_landmark_network(hand_run, store,
     image = load_rgb(ROOT.parent / "shared" / "asl" / "train" / "B" / "B1300.jpg")
     torch.testing.assert_close(logged.predict([image]), checkpoint.predict([image]), rtol=1e-5, atol=1e-6)
     # a landmark network that does not fit its metadata: named with the URI it came from
-    monkeypatch.setattr(predict.run_artifacts, "load_checkpoint", lambda path: {"0.weight": torch.zeros(1)})
-    with pytest.raises(predict.ModelLoadError, match=f"runs:/{run_id}/model.*{predict.HAND_NET_ARTIFACT}"):
+    load = run_artifacts.load_checkpoint
+    monkeypatch.setattr(predict.run_artifacts, "load_checkpoint",
+                        lambda path: {**load(path), "hand_net": {"0.weight": torch.zeros(1)}})
+    with pytest.raises(predict.ModelLoadError, match=f"runs:/{run_id}/model.*hand network does not fit"):
         predict.load_predictor(f"runs:/{run_id}/model")
 
 

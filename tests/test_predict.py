@@ -63,12 +63,12 @@ TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration"
 def test_serving_imports_no_training_or_tracking_module():
     # in a fresh interpreter: this one has imported everything. tqdm is not on the list: `import torch` loads it
     code = ("import sys\n"
-            f"for module in ('predict', 'app'):\n"
+            f"for module in ('predict', 'export', 'app'):\n"
             f"    __import__(module)\n"
             f"    print(module, [m for m in {TRAINING_OR_TRACKING!r} if m in sys.modules])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[:2] == ["predict []", "app []"]
+    assert result.stdout.split("\n")[:3] == ["predict []", "export []", "app []"]
 
 
 def test_decide_answers_only_when_sure_and_a_hand_is_there():
@@ -84,6 +84,33 @@ def test_decide_answers_only_when_sure_and_a_hand_is_there():
     assert predict.decide(classes, sure_a, True, 0.5, agreed=True).answered
     differ = predict.decide(classes, sure_a, True, 0.5, agreed=False)  # the two networks name other classes
     assert differ.disagreed and not differ.sure and not differ.answered and differ.label == "A"
+
+
+def test_a_predictor_s_verdict_is_the_app_s_decision_for_its_kind_of_model(tmp_path):
+    import hands
+
+    image_only = predict.load_predictor(checkpoint(tmp_path / "m.pt"))
+    probs = torch.tensor([0.2, 0.7, 0.1])
+    assert image_only.verdict(predict.Reading(probs, None)) == predict.decide(image_only.classes, probs, None)
+    assert image_only.verdict(predict.Reading(probs, None)).answered  # it never looks for a hand
+    path = checkpoint(tmp_path / "h.pt", hands={"hidden": 16, "features": hands.N_FEATURES, "temperature": 1.0})
+    ckpt = run_artifacts.load_checkpoint(path)
+    ckpt["hand_net"] = models.LandmarkNet(3, hands.N_FEATURES, 16).state_dict()
+    run_artifacts.save_checkpoint(ckpt, path)
+    hand_aware = predict.load_predictor(path)
+    assert hand_aware.verdict(predict.Reading(probs, None)).no_hand  # it looked, and found none
+    assert not hand_aware.verdict(predict.Reading(probs, None), threshold=0.8).sure
+
+
+def test_the_onnx_backend_serves_a_given_export_and_writes_nothing(tmp_path):
+    (tmp_path / "run").mkdir()
+    path = checkpoint(tmp_path / "run" / "m.pt")
+    plain = predict.load_predictor(path)
+    export = predict.export_onnx(plain.model, tmp_path / "elsewhere.onnx", (3, 32, 32))
+    fast = predict.load_predictor(path, backend="onnx", onnx_file=export)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["m.pt"]  # nothing exported beside it
+    batch = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(fast.predict_batch(batch), plain.predict_batch(batch), atol=1e-5, rtol=1e-4)
 
 
 def test_pooling_is_the_renormalised_geometric_mean():

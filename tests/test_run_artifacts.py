@@ -51,3 +51,10 @@ def test_the_schema_names_what_a_checkpoint_lacks():
         run_artifacts.check_checkpoint(ckpt, resume=True)
     with pytest.raises(run_artifacts.CheckpointError, match="not a dict"):
         run_artifacts.check_checkpoint([1, 2])
+
+
+def test_what_serving_needs_of_a_checkpoint_leaves_the_training_state_out():
+    ckpt = {"model": {"w": torch.ones(1)}, "metadata": {"arch": "x"}, "hand_net": {"v": torch.ones(1)},
+            "history": [{"epoch": 1}], "optimizer": {"state": {}}, "rng": {"torch": torch.ones(1)}, "epoch": 3}
+    assert set(run_artifacts.for_serving(ckpt)) == {"model", "metadata", "hand_net", "history"}
+    assert set(run_artifacts.for_serving({"model": {}, "metadata": {}})) == {"model", "metadata"}
