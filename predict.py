@@ -235,6 +235,11 @@ class Predictor:
         probs, agreed = self.combine(self.predict_batch(batch), found)
         return [Reading(p, hand, same) for p, hand, same in zip(probs, found, agreed)]
 
+    def verdict(self, reading: Reading, threshold: float = DEFAULT_THRESHOLD) -> Verdict:
+        """The app's answer (`decide`) for one of this model's readings."""
+        return decide(self.classes, reading.probs, reading.hand is not None if self.uses_hands else None,
+                      threshold, reading.agreed)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's input for one RGB image (resized, cropped, normalised)."""
         return self.transform(image)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,23 @@ def make_image_folder(root: Path, classes=("A", "B", "C"), per_class: int = 12, 
             img[y:y + q, x:x + q] = 255
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{name}{n}.jpg", quality=90)
     return root
+
+
+def write_y4m(path: Path, frames: Iterable[Image.Image], fps: int = 15) -> Path:
+    """RGB frames of one size (even width and height) as a .y4m video: raw 4:2:0 YUV in BT.601's limited range,
+    what Chromium's fake camera plays (`--use-file-for-fake-video-capture`) and OpenCV reads."""
+    with path.open("wb") as out:
+        for i, frame in enumerate(frames):
+            if i == 0:
+                out.write(f"YUV4MPEG2 W{frame.width} H{frame.height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+            # PIL's YCbCr is JPEG's full range; video players expect 16-235 (luma) and 16-240 (chroma)
+            y, cb, cr = (np.asarray(plane, dtype=np.float32) for plane in frame.convert("YCbCr").split())
+            half = (frame.width // 2, frame.height // 2)
+            chroma = [np.asarray(Image.fromarray(c.astype(np.uint8)).resize(half, Image.Resampling.BOX),
+                                 dtype=np.float32) for c in (cb, cr)]
+            planes = [16 + y * 219 / 255] + [128 + (c - 128) * 224 / 255 for c in chroma]
+            out.write(b"FRAME\n" + b"".join(plane.round().astype(np.uint8).tobytes() for plane in planes))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +103,47 @@ def hand_run(tmp_path_factory) -> Path:
                           "--num_workers", "0", "--seed", "0"])
     assert code == 0
     return out
+
+
+def steady_photos(predictor, letters, tries: int = 40) -> dict:
+    """For each letter, the first of another person's photos of it (external/<letter>/, in number order) that the
+    model reads as that letter both as it is and after JPEG at several qualities, as a camera's frames reach it;
+    letters without one among the first `tries` are left out. Tests that spell words pick their letters here, so
+    they check the pipeline, not how well a tiny model reads another person's hand."""
+    import io
+
+    def variants(photo: Image.Image) -> list[Image.Image]:
+        out = [photo]
+        for quality in (60, 75, 85, 95):
+            buf = io.BytesIO()
+            photo.save(buf, "JPEG", quality=quality)
+            out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        return out
+
+    found = {}
+    for letter in letters:
+        folder = SHARED_ASL / "external" / letter
+        for path in sorted(folder.glob("*.jpg"), key=lambda p: int(p.stem))[:tries]:
+            readings = predictor.read(variants(Image.open(path).convert("RGB")))
+            if all(predictor.verdict(r).answered and predictor.verdict(r).label == letter for r in readings):
+                found[letter] = path
+                break
+    return found
+
+
+def no_hand_frame(size: tuple[int, int]) -> Image.Image:
+    """A plain grey frame: no hand in view."""
+    return Image.new("RGB", size, (128, 128, 128))
+
+
+def spelling_frames(photos: dict, word: str, per_letter: int, gap: int, lead: int | None = None,
+                    trail: int | None = None) -> list[Image.Image]:
+    """The frames of `word` fingerspelled: each letter's photo for `per_letter` frames, `gap` frames without a
+    hand between two same letters, and `lead` and `trail` (default `gap`) frames without a hand around the word."""
+    grey = no_hand_frame(Image.open(photos[word[0]]).size)
+    frames = [grey] * (gap if lead is None else lead)
+    for before, letter in zip([None, *word], word):
+        if letter == before:
+            frames += [grey] * gap
+        frames += [Image.open(photos[letter]).convert("RGB")] * per_letter
+    return frames + [grey] * (gap if trail is None else trail)
