@@ -105,12 +105,21 @@ def hand_run(tmp_path_factory) -> Path:
     return out
 
 
-def steady_photos(predictor, letters, tries: int = 40) -> dict:
-    """For each letter, the first of another person's photos of it (external/<letter>/, in number order) that the
-    model reads as that letter both as it is and after JPEG at several qualities, as a camera's frames reach it;
-    letters without one among the first `tries` are left out. Tests that spell words pick their letters here, so
-    they check the pipeline, not how well a tiny model reads another person's hand."""
+HAND_WORD = "BALL"  # spelled with the letters of `hand_run`
+
+
+@pytest.fixture(scope="session")
+def hand_word(hand_run) -> tuple[dict[str, Path], str]:
+    """A photo of each letter of `hand_run` that the model reads steadily, and the word to fingerspell with them:
+    HAND_WORD less the letters without one. A photo is the first of another person's (external/<letter>/, among
+    the first 10) that the model reads as its letter both as it is and after JPEG at several qualities, as a
+    camera's frames reach it. Tests that spell the word so check the pipeline, not how well a tiny model reads
+    another person's hand (it reads none of their A's steadily: the word is BLL)."""
     import io
+
+    import predict
+
+    predictor = predict.load_predictor(hand_run, backend="onnx")
 
     def variants(photo: Image.Image) -> list[Image.Image]:
         out = [photo]
@@ -120,15 +129,16 @@ def steady_photos(predictor, letters, tries: int = 40) -> dict:
             out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
         return out
 
-    found = {}
-    for letter in letters:
-        folder = SHARED_ASL / "external" / letter
-        for path in sorted(folder.glob("*.jpg"), key=lambda p: int(p.stem))[:tries]:
-            readings = predictor.read(variants(Image.open(path).convert("RGB")))
-            if all(predictor.verdict(r).answered and predictor.verdict(r).label == letter for r in readings):
-                found[letter] = path
+    photos = {}
+    for letter in HAND_CLASSES:
+        for path in sorted((SHARED_ASL / "external" / letter).glob("*.jpg"), key=lambda p: int(p.stem))[:10]:
+            verdicts = [predictor.verdict(r) for r in predictor.read(variants(Image.open(path).convert("RGB")))]
+            if all(v.answered and v.label == letter for v in verdicts):
+                photos[letter] = path
                 break
-    return found
+    word = "".join(letter for letter in HAND_WORD if letter in photos)
+    assert len(set(word)) >= 2 and len(set(word)) < len(word), f"'{word}' has no change of letter or no repeat"
+    return photos, word
 
 
 def no_hand_frame(size: tuple[int, int]) -> Image.Image:

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 import app
 import live
 import predict
-from conftest import HAND_CLASSES, no_hand_frame, steady_photos
+from conftest import no_hand_frame
 
 
 def jpeg(image: Image.Image, quality: int = 85) -> bytes:
@@ -27,10 +27,10 @@ def predictor(hand_run) -> predict.Predictor:
 
 
 @pytest.fixture(scope="module")
-def photos(predictor) -> dict:
-    found = steady_photos(predictor, HAND_CLASSES)
-    assert {"B", "L"} <= found.keys(), "the tiny model reads none of another person's B or L photos steadily"
-    return {letter: jpeg(Image.open(path).convert("RGB")) for letter, path in found.items()}
+def photos(hand_word) -> dict[str, bytes]:
+    """JPEGs of photos the tiny model reads steadily, by letter, and the word they spell under "word"."""
+    found, word = hand_word
+    return {"word": word, **{letter: jpeg(Image.open(path).convert("RGB")) for letter, path in found.items()}}
 
 
 @pytest.fixture
@@ -90,14 +90,15 @@ def test_tokens_are_unguessable_and_the_page_posts_to_its_own():
 def test_a_frame_is_answered_with_the_letter_the_hand_and_the_text(client, sessions, predictor, photos):
     token = live.new_token()
     sessions.open(token, predictor, live.Settings(hold=1, seconds=False))
-    image = app.decode_image(photos["L"], "L")
+    letter = photos["word"][-1]
+    image = app.decode_image(photos[letter], letter)
     expected = predictor.verdict(predictor.read([image])[0])
-    response = post(client, token, photos["L"])
+    response = post(client, token, photos[letter])
     assert response.status_code == 200
     answer = response.json()
-    assert answer["status"] == "ok" and answer["label"] == expected.label == "L" and answer["answered"]
+    assert answer["status"] == "ok" and answer["label"] == expected.label == letter and answer["answered"]
     assert answer["probability"] == pytest.approx(expected.probability, abs=1e-4)
-    assert answer["text"] == "L" and answer["typed"] == "L" and answer["progress"] == 1.0
+    assert answer["text"] == letter and answer["typed"] == letter and answer["progress"] == 1.0
     hand = answer["hand"]
     assert len(hand["points"]) == 21 and len(hand["box"]) == 4 and len(hand["crop"]) == 4
     x0, y0, x1, y1 = hand["box"]
@@ -109,7 +110,7 @@ def test_frames_spell_a_word_and_clear_empties_it(client, sessions, predictor, p
     token = live.new_token()
     sessions.open(token, predictor, live.Settings(hold=2, seconds=False))
     grey = jpeg(no_hand_frame((224, 224)))
-    letters = [letter for letter in "BALL" if letter in photos]
+    letters = list(photos["word"])
     frames = [grey, grey]
     for before, letter in zip([None, *letters], letters):
         frames += [grey, grey] if letter == before else []
@@ -126,18 +127,20 @@ def test_each_page_spells_its_own_text(client, sessions, predictor, photos):
     one, other = live.new_token(), live.new_token()
     for token in (one, other):
         sessions.open(token, predictor, live.Settings(hold=1, seconds=False))
-    assert post(client, one, photos["B"]).json()["text"] == "B"
-    assert post(client, other, photos["L"]).json()["text"] == "L"
+    first, last = photos["word"][0], photos["word"][-1]
+    assert post(client, one, photos[first]).json()["text"] == first
+    assert post(client, other, photos[last]).json()["text"] == last
     post(client, other, action="clear")
-    assert sessions.get(one).speller.text == "B"
+    assert sessions.get(one).speller.text == first
 
 
 def test_a_mirrored_session_reads_the_mirrored_frame(client, sessions, predictor, photos):
     token = live.new_token()
     sessions.open(token, predictor, live.Settings(mirror=True))
-    mirrored = app.decode_image(photos["L"], "L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    letter = photos["word"][-1]
+    mirrored = app.decode_image(photos[letter], letter).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     expected = predictor.read([mirrored])[0]
-    answer = post(client, token, photos["L"]).json()
+    answer = post(client, token, photos[letter]).json()
     assert answer["mirrored"] and answer["probability"] == pytest.approx(float(expected.probs.max()), abs=1e-4)
     assert answer["hand"]["box"] == pytest.approx(list(expected.hand.box), abs=1e-4)
 
@@ -192,5 +195,5 @@ def test_reading_frames_writes_nothing(client, sessions, predictor, photos, tmp_
     monkeypatch.chdir(tmp_path)
     token = live.new_token()
     sessions.open(token, predictor, live.Settings())
-    assert post(client, token, photos["B"]).status_code == 200
+    assert post(client, token, photos[photos["word"][0]]).status_code == 200
     assert list(tmp_path.iterdir()) == []

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import predict
 import spell
-from conftest import HAND_CLASSES, no_hand_frame, spelling_frames, steady_photos, write_y4m
+from conftest import no_hand_frame, spelling_frames, write_y4m
 from errors import UsageError
 
 HOLD_FRAMES = 4
@@ -83,23 +82,14 @@ def test_sources_that_hold_no_frames_are_refused_with_the_reason(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the command
 
-@pytest.fixture(scope="module")
-def photos(hand_run):
-    """Steadily read photos of the tiny model's letters, and the word they spell (BALL when each is found)."""
-    found = steady_photos(predict.load_predictor(hand_run, backend="onnx"), HAND_CLASSES)
-    word = "".join(letter for letter in "BALL" if letter in found)
-    assert "L" in found, "the tiny model reads none of another person's L photos steadily"
-    return found, word
-
-
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     code = spell.main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
 
-def test_the_command_spells_a_folder_of_frames_and_writes_every_frame(hand_run, photos, tmp_path, capsys):
-    found, word = photos
+def test_the_command_spells_a_folder_of_frames_and_writes_every_frame(hand_run, hand_word, tmp_path, capsys):
+    found, word = hand_word
     frames = spelling_frames(found, word, per_letter=HOLD_FRAMES + 2, gap=3)
     folder = write_folder(tmp_path / "frames", frames)
     table = tmp_path / "frames.csv"
@@ -120,8 +110,8 @@ def test_the_command_spells_a_folder_of_frames_and_writes_every_frame(hand_run, 
 
 
 @pytest.mark.parametrize("write", [write_y4m, write_mp4], ids=["y4m", "mp4"])
-def test_the_command_spells_a_video_holding_for_seconds(hand_run, photos, tmp_path, capsys, write):
-    found, word = photos
+def test_the_command_spells_a_video_holding_for_seconds(hand_run, hand_word, tmp_path, capsys, write):
+    found, word = hand_word
     # at 15 frames/s a letter shown for 0.8 s, held for 0.5 s to be typed; a gap of 0.4 s between the L's
     frames = spelling_frames(found, word, per_letter=12, gap=6)
     video = write(tmp_path / f"clip.{write.__name__[-3:]}", frames, 15)
