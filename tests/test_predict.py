@@ -63,12 +63,12 @@ TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration"
 def test_serving_imports_no_training_or_tracking_module():
     # in a fresh interpreter: this one has imported everything. tqdm is not on the list: `import torch` loads it
     code = ("import sys\n"
-            f"for module in ('predict', 'app'):\n"
+            f"for module in ('predict', 'app', 'spell'):\n"
             f"    __import__(module)\n"
             f"    print(module, [m for m in {TRAINING_OR_TRACKING!r} if m in sys.modules])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[:2] == ["predict []", "app []"]
+    assert result.stdout.split("\n")[:3] == ["predict []", "app []", "spell []"]
 
 
 def test_decide_answers_only_when_sure_and_a_hand_is_there():
@@ -84,6 +84,18 @@ def test_decide_answers_only_when_sure_and_a_hand_is_there():
     assert predict.decide(classes, sure_a, True, 0.5, agreed=True).answered
     differ = predict.decide(classes, sure_a, True, 0.5, agreed=False)  # the two networks name other classes
     assert differ.disagreed and not differ.sure and not differ.answered and differ.label == "A"
+
+
+def test_a_reading_s_verdict_is_decided_with_what_the_model_looks_for(tmp_path):
+    from PIL import Image
+
+    p = predict.load_predictor(checkpoint(tmp_path / "ok.pt"))
+    reading = p.read([Image.new("RGB", (40, 40), (200, 30, 30))])[0]
+    # a model that does not look for hands: no hand found is no reason to stay silent
+    verdict = p.verdict(reading, 0.0)
+    assert verdict == predict.decide(p.classes, reading.probs, None, 0.0) and verdict.answered
+    assert not p.verdict(reading, 1.0).sure
+    assert p.verdict(reading).probability == pytest.approx(float(reading.probs.max()))
 
 
 def test_pooling_is_the_renormalised_geometric_mean():
@@ -119,6 +131,9 @@ def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
         hand_probs = torch.softmax(predictor.hand_net(features) / predictor.metadata["hands"]["temperature"], 1)
     torch.testing.assert_close(readings[0].probs, predict.pool(frame[0], hand_probs[0]))
     assert readings[0].agreed == (int(frame[0].argmax()) == int(hand_probs[0].argmax())) and readings[1].agreed is None
+    assert predictor.verdict(readings[0], 0.0) == predict.decide(predictor.classes, readings[0].probs, True, 0.0,
+                                                                 readings[0].agreed)
+    assert predictor.verdict(readings[1], 0.0).no_hand  # no hand found: no letter, however sure
     assert float(readings[0].probs.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(predictor.predict([with_hand, blank]), torch.stack([r.probs for r in readings]))
     # the ONNX backend serves the image network; the hand network is the same tiny torch module
