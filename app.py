@@ -457,7 +457,7 @@ def live_mode(predictor: predict.Predictor) -> None:
     token = st.session_state.setdefault("live_token", live.new_token())
     live.SESSIONS.open(token, predictor, settings)
     st.subheader("Fingerspell to the camera")
-    hold = f"{settings.hold:g} {'seconds' if settings.seconds else 'frames'}"
+    hold = f"{settings.hold:g} {'second' if settings.seconds else 'frame'}{'' if settings.hold == 1 else 's'}"
     st.caption(f"Hold each letter for {hold} to type it; `space` and `del` are keys. To type a letter twice, drop "
                "the hand (or sign another letter) in between. The camera stays in your browser: frames are read "
                "one at a time and never stored.")

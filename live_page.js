@@ -36,12 +36,14 @@ function start(root) {
     if (answer.status === "ok") showText(answer.text);
   };
   $(".copy").onclick = async () => {
+    const button = $(".copy");
     try {
       await navigator.clipboard.writeText(page.text);
-      $(".status").textContent = "Copied.";
+      button.textContent = "Copied";
     } catch (err) {
-      $(".status").textContent = `Could not copy (${err.message}); select the text instead.`;
+      button.textContent = "Could not copy: select the text";
     }
+    setTimeout(() => (button.textContent = "Copy"), 1500);
   };
 
   page.stop = () => {

@@ -211,6 +211,7 @@ def test_live_mode_in_a_real_browser_spells_the_word_the_camera_shows(serve, han
         expect(page.get_by_text("No hand found.")).to_be_visible()
         expect(page.get_by_text(re.compile(r"[\d.]+ frames/s read"))).to_be_visible()
         page.get_by_role("button", name="Copy").click()
+        expect(page.get_by_role("button", name="Copied")).to_be_visible()
         assert page.evaluate("navigator.clipboard.readText()") == word
         page.get_by_role("button", name="Clear").click()
         expect(text).to_have_text("")
