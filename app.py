@@ -1,7 +1,11 @@
 """The Streamlit app: show a hand sign, read the letter. `streamlit run app.py [-- --model_dir DIR]`.
 
-Two modes, switched in the sidebar: Read (classify a photo) and Teach (collect photos of your own hand per
-letter in `COLLECT_DIR/<CLASS>/<timestamp>.jpg`, and print the command that fine-tunes the model on them).
+Three modes, switched in the sidebar: Read (classify a photo), Live (fingerspell to the camera: the letters held
+become words; live.py) and Teach (collect photos of your own hand per letter in
+`COLLECT_DIR/<CLASS>/<timestamp>.jpg`, and print the command that fine-tunes the model on them).
+
+The script serves itself as `app = st.App(...)` with Live mode's route added to Streamlit's server (live.py);
+`streamlit run app.py` finds that object and runs it, and runs this file again as the page's script.
 
 Configuration (command line after `--`, else environment, else default):
 
@@ -50,8 +54,10 @@ from torch import nn
 import data_loader
 import hands
 import image_io
+import live
 import predict
 import run_artifacts
+import spelling
 import terminal
 
 log = logging.getLogger("app")
@@ -60,7 +66,7 @@ DEFAULT_MODEL = "runs/latest"
 DEFAULT_RUNS_DIR = "runs"
 DEFAULT_COLLECT_DIR = "data/my_hand"
 FINETUNE_RUN = "my_hand"  # the fine-tuned model's folder under --runs_dir, where the model picker finds it
-READ, TEACH = "Read", "Teach"
+READ, LIVE, TEACH = "Read", "Live", "Teach"
 THUMBS_PER_ROW = 6
 THUMB_PX = 160  # Streamlit shrinks the image to this before sending it: a letter's photos stay a light page
 UPLOAD_TYPES = [ext.lstrip(".") for ext in image_io.IMG_EXTENSIONS]
@@ -310,7 +316,7 @@ def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_model(source: str, device: str, stamp: int, backend: str = "torch") -> predict.Predictor:
     """The predictor, loaded once per (source, device, backend); `stamp` changes when a local model is rewritten.
-    Its hand finder is loaded by Read mode alone (`ready_to_read`): Teach mode needs only the class names."""
+    Its hand finder is loaded by Read and Live modes alone (`ready_to_read`): Teach mode needs only the class names."""
     return predict.load_predictor(source, device, backend)
 
 
@@ -358,20 +364,59 @@ def show_model(source: str, device: str, predictor: predict.Predictor) -> None:
         st.write(", ".join(predictor.classes))
 
 
+def threshold_slider(default: float) -> float:
+    return st.slider("Confidence threshold", 0.0, 1.0, default, predict.THRESHOLD_STEP,
+                     help="Below this probability the app says it is unsure instead of guessing. Its default is the "
+                          "model's own, fitted on people it did not train on where it was calibrated on them. "
+                          "`evaluate.py` on a folder of your photos reports what each setting buys: how many it "
+                          "answers and how often rightly.")
+
+
+def mirror_toggle() -> bool:
+    # a model trained on one signer's hand reads the other hand's signs poorly unless trained with --hflip
+    return st.toggle("Mirror the image (signing with the other hand)", value=False,
+                     help="A mirrored letter is the same letter signed with the other hand.")
+
+
 def read_settings(default_threshold: float) -> tuple[float, bool, bool]:
     """Read mode's settings; returns (confidence threshold, show Grad-CAM, mirror the image)."""
     with st.sidebar:
         st.header("Settings")
-        threshold = st.slider("Confidence threshold", 0.0, 1.0, default_threshold, predict.THRESHOLD_STEP,
-                              help="Below this probability the app says it is unsure instead of guessing. Its "
-                                   "default is the model's own, fitted on people it did not train on where it was "
-                                   "calibrated on them. `evaluate.py` on a folder of your photos reports what each "
-                                   "setting buys: how many it answers and how often rightly.")
+        threshold = threshold_slider(default_threshold)
         explain = st.toggle("Show where the model looked (Grad-CAM)", value=False)
-        # a model trained on one signer's hand reads the other hand's signs poorly unless trained with --hflip
-        mirror = st.toggle("Mirror the image (signing with the other hand)", value=False,
-                           help="A mirrored letter is the same letter signed with the other hand.")
+        mirror = mirror_toggle()
     return threshold, explain, mirror
+
+
+def live_settings(default_threshold: float) -> live.Settings:
+    """Live mode's settings: the threshold, how long a letter is held to be typed (seconds or frames read), and
+    the mirror."""
+    with st.sidebar:
+        st.header("Settings")
+        threshold = threshold_slider(default_threshold)
+        unit = st.segmented_control("Hold a letter for", ["seconds", "frames"], default="seconds", required=True,
+                                    help="How long a letter must stay the answer to be typed. Frames count the "
+                                         "frames the app read, which depends on its speed; seconds do not.")
+        if unit == "seconds":
+            hold = st.slider("Seconds", 0.1, 3.0, spelling.DEFAULT_HOLD_S, 0.1, key="hold_s")
+        else:
+            hold = st.slider("Frames", 1, 45, spelling.DEFAULT_HOLD_FRAMES, key="hold_frames")
+        mirror = mirror_toggle()
+    return live.Settings(threshold, hold, unit == "seconds", mirror)
+
+
+def live_mode(predictor: predict.Predictor) -> None:
+    """Live mode: the camera in the browser, each frame read through Live's route (live.py) with this session's
+    model and settings, the letters held typed into text."""
+    settings = live_settings(predictor.threshold)
+    token = st.session_state.setdefault("live_token", live.new_token())
+    live.SESSIONS.open(token, predictor, settings)
+    st.subheader("Fingerspell to the camera")
+    hold = f"{settings.hold:g} {'second' if settings.seconds else 'frame'}{'' if settings.hold == 1 else 's'}"
+    st.caption(f"Hold each letter for {hold} to type it; `space` and `del` are keys. To type a letter twice, drop "
+               "the hand (or sign another letter) in between. The camera stays in your browser: frames are read "
+               "one at a time and never stored.")
+    live.PAGE(data=live.page_data(token), key="live_page")
 
 
 @dataclass(frozen=True)
@@ -550,13 +595,14 @@ def page() -> None:
     try:
         cfg = parse_config(sys.argv[1:], os.environ)
         with st.sidebar:
-            mode = st.segmented_control("Mode", [READ, TEACH], default=READ, required=True,
-                                        help="Read: classify a photo. Teach: collect photos of your own hand.")
+            mode = st.segmented_control("Mode", [READ, LIVE, TEACH], default=READ, required=True,
+                                        help="Read: classify a photo. Live: fingerspell to the camera, letters "
+                                             "become words. Teach: collect photos of your own hand.")
             st.header("Model")
             source = choose_model(cfg)
         stamp = _stamp(source)
         predictor = load_model(source, cfg.device, stamp, fastest_backend(cfg.device))
-        if mode == READ:
+        if mode != TEACH:
             ready_to_read(predictor)
     except (ConfigError, hands.HandModelError) as err:
         st.error(str(err))
@@ -568,6 +614,9 @@ def page() -> None:
         show_model(source, cfg.device, predictor)
     if mode == TEACH:
         teach(cfg, source, predictor.classes)
+        return
+    if mode == LIVE:
+        live_mode(predictor)
         return
     threshold, explain, mirror = read_settings(predictor.threshold)
     chosen = choose_input(cfg)
@@ -592,6 +641,10 @@ def main() -> None:
         st.error(f"Something went wrong ({type(err).__name__}). The details are in the server's log; please "
                  "report it, with the image if one was involved.")
 
+
+# What `streamlit run app.py` serves: Streamlit's server with Live mode's route (live.py). The page's script, this
+# file run again as __main__, makes this object too, and nothing uses it.
+app = st.App(Path(__file__), routes=live.routes(decode_image))
 
 if __name__ == "__main__":  # also true under `streamlit run` and AppTest; false when tests import the helpers
     main()

@@ -24,12 +24,18 @@ posted to it as JSON (base64) with a pause before each, as for the latency above
 request to reading the answer (p50, p95), decoding and the hand search included, beside the same model answering
 in this process (no HTTP, no JSON). Photos from --data (real hand photos: the hand search and both networks are
 timed), else the generated ones (no hand in them).
+
+`--live` measures the app's Live mode alone instead: camera frames (640x480 JPEGs, as the page sends them) through
+the function its route calls (live.read_frame: decode, find the hand, read the letter, spell), back to back as a
+page sends its next frame once the last is answered: frames read a second, and the latency from a frame's
+arrival to its answer (p50, p95). Pass the model the app serves (--model): its hand finding is most of the time.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import contextlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -93,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where training runs (inference is measured on the CPU, as the app runs it)")
     p.add_argument("--serve", metavar="MODEL", help="measure `mlflow models serve` of MODEL (a training folder or "
                                                     "checkpoint) answering one photo instead (see above)")
+    p.add_argument("--live", action="store_true", help="only the Live-mode figures: camera frames through its "
+                                                       "route's function (see above)")
+    p.add_argument("--live_frames", type=int, default=300, help="timed frames of --live")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
     terminal.add_verbose_arg(p)
@@ -101,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda needs a CUDA GPU and none is visible; use --device cpu")
     if args.quick:
         args.images, args.img_size, args.batch_size, args.train_batch_size = 48, 64, 8, 4
-        args.reps, args.latency_reps, args.arch = 2, 4, "efficientnet_lite0"
+        args.reps, args.latency_reps, args.arch, args.live_frames = 2, 4, "efficientnet_lite0", 10
     return args
 
 
@@ -626,6 +635,70 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+LIVE_FRAME_SIZE = (640, 480)  # a webcam's frame, at live.MAX_SIDE
+
+
+def camera_frames(samples: list, n: int, quality: float) -> list[bytes]:
+    """`n` of the images as a Live page sends camera frames: at LIVE_FRAME_SIZE, JPEG at `quality` (0..1)."""
+    frames = []
+    for path, _ in pick(samples, n):
+        buf = io.BytesIO()
+        image_io.load_rgb(path).resize(LIVE_FRAME_SIZE).save(buf, "JPEG", quality=round(quality * 100))
+        frames.append(buf.getvalue())
+    return frames
+
+
+def measure_live(args: argparse.Namespace, tmp: Path) -> dict:
+    """Live mode's path: camera frames through `live.read_frame` (what its route runs for each frame, with the
+    app's decoding), one after another; see the module docstring."""
+    import app  # here, not at the top: only --live needs the app and Streamlit
+    import live
+
+    root = Path(args.data) if args.data else generate_images(tmp / "images", 64)
+    images = data_loader.scan_image_folder(root)
+    cfg = models.preprocessing(args.arch, "none", args.img_size)
+    checkpoint = tmp / "model.pt"
+    if args.model:  # a copy: the ONNX model is exported beside the checkpoint
+        shutil.copy(predict.checkpoint_path(args.model), checkpoint)
+    else:
+        transform = data_loader.eval_transform(cfg)
+        batch = torch.stack([transform(image_io.load_rgb(p)) for p, _ in pick(images.samples, 16)])
+        save_checkpoint(checkpoint, args.arch, images.classes, cfg, batch)
+    predictor = predict.load_predictor(checkpoint, backend="onnx")  # as the app serves on the CPU
+    frames = camera_frames(images.samples, min(30, len(images.samples)), live.JPEG_QUALITY)
+    session = live.LiveSession(predictor, live.Settings())
+    progress(f"live: {args.live_frames} camera frames ({len(frames)} distinct) through the Live route's function")
+
+    def read(data: bytes) -> float:
+        arrived = time.perf_counter()
+        live.read_frame(session, data, app.decode_image, time.monotonic())
+        return time.perf_counter() - arrived
+
+    for data in frames[:3]:  # warm-up: ONNX Runtime's and MediaPipe's first runs
+        read(data)
+    start = time.perf_counter()
+    latencies = [read(frames[i % len(frames)]) for i in range(args.live_frames)]
+    total = time.perf_counter() - start
+    return {"settings": {"model": args.model or f"random {args.arch}", "data": str(root),
+                         "hand_aware": predictor.uses_hands, "frames": args.live_frames,
+                         "frame_size": "x".join(map(str, LIVE_FRAME_SIZE)),
+                         "frame_kb": statistics.mean(map(len, frames)) / 1024, "torch_threads": torch.get_num_threads(),
+                         "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+            "live": {"frames_per_s": args.live_frames / total,
+                     "latency_p50_ms": float(np.percentile(latencies, 50)) * 1e3,
+                     "latency_p95_ms": float(np.percentile(latencies, 95)) * 1e3}}
+
+
+def live_table(results: dict) -> str:
+    figures, settings = results["live"], results["settings"]
+    return "\n".join([
+        f"Live mode: {settings['frames']} camera frames of {settings['frame_size']} "
+        f"({settings['frame_kb']:.0f} KB JPEG), {'hand-aware' if settings['hand_aware'] else 'image-only'} model",
+        f"frames read a second, end to end (JPEG in, letter out): {figures['frames_per_s']:.1f}",
+        f"latency from a frame's arrival to its answer: p50 {figures['latency_p50_ms']:.1f} ms, "
+        f"p95 {figures['latency_p95_ms']:.1f} ms"])
+
+
 def table(results: dict) -> str:
     lines = [f"{'figure':36s} {'unit':34s} {'baseline':>10s} {'ours':>10s} {'ours/base':>10s}"]
     for name, f in results["figures"].items():
@@ -650,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # as pt_train.py trains on a GPU; no effect on the CPU
     with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
-        results = measure_serve(args, Path(tmp)) if args.serve else measure(args, Path(tmp))
-    print(serve_table(results) if args.serve else table(results))
+        results = (measure_serve if args.serve else measure_live if args.live else measure)(args, Path(tmp))
+    print((serve_table if args.serve else live_table if args.live else table)(results))
     print(json.dumps(results, indent=2))
     if args.json:
         run_artifacts.save_json(results, args.json)

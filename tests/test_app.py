@@ -8,6 +8,7 @@ in an exception on the page, and Teach mode writes nothing outside its folder.
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 from datetime import datetime
@@ -26,8 +27,10 @@ import app
 import data_loader
 import hands
 import image_io
+import live
 import model as models
 import predict
+import spelling
 from conftest import (ROOT, bomb_png, encode, exif_rotated_jpeg, make_image_folder, noise, rgba_png,
                       sixteen_bit_png, truncated_jpeg)
 
@@ -512,7 +515,7 @@ def jpeg(synthetic_dir, name: str) -> bytes:
 
 def test_teach_mode_shows_the_counts_and_the_finetune_command(page, trained_run, tmp_path):
     at = page()
-    assert at.sidebar.segmented_control[0].options == ["Read", "Teach"] and at.slider  # Read by default
+    assert at.sidebar.segmented_control[0].options == ["Read", "Live", "Teach"] and at.slider  # Read by default
     at = teach(at)
     assert shown_counts(at) == {"A": 0, "B": 0, "C": 0}
     assert not at.slider and not at.toggle and not at.sidebar.selectbox  # no Read settings; no runs to pick from
@@ -661,3 +664,37 @@ def test_streamlit_watches_the_app_s_sources_only():
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"# The value below was set in {ROOT / '.streamlit' / 'config.toml'}\nfileWatcherType = \"poll\"" \
         in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- Live mode
+
+def test_live_mode_opens_this_page_s_session_with_its_model_and_settings(page, trained_run):
+    at = page()
+    at.sidebar.segmented_control[0].set_value("Live").run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert at.subheader[0].value == "Fingerspell to the camera" and "0.6 seconds" in at.main.caption[-1].value
+    token = at.session_state["live_token"]
+    session = live.SESSIONS.get(token)
+    assert session.settings == live.Settings(predict.DEFAULT_THRESHOLD, spelling.DEFAULT_HOLD_S, True, False)
+    assert session.predictor.classes == ["A", "B", "C"] and not session.predictor.uses_hands
+    (page_element,) = at.get("bidi_component")
+    assert json.loads(page_element.proto.json) == live.page_data(token)  # the page posts to its own session
+
+    session.speller.text = "AB"
+    at.slider[0].set_value(0.3)
+    at.sidebar.segmented_control[1].set_value("frames").run()
+    at.slider(key="hold_frames").set_value(5)
+    at.toggle[0].set_value(True).run()
+    assert at.session_state["live_token"] == token and "5 frames" in at.main.caption[-1].value
+    assert live.SESSIONS.get(token) is session and session.settings == live.Settings(0.3, 5, False, True)
+    assert session.speller.hold == 5 and not session.speller.seconds and session.speller.text == "AB"
+    assert not at.exception and not at.error
+
+
+def test_each_page_has_its_own_live_session(page):
+    tokens = set()
+    for _ in range(2):
+        at = page()
+        at.sidebar.segmented_control[0].set_value("Live").run()
+        tokens.add(at.session_state["live_token"])
+    assert len(tokens) == 2 and all(live.SESSIONS.get(t) is not None for t in tokens)

@@ -1,6 +1,7 @@
 """app.py end to end: `streamlit run` on a loopback port, a real headless Chromium uploads an image and reads
-the prediction, or teaches the app photos of two letters and deletes one. The screenshots land in
-test-artifacts/ (app.png, app_teach.png).
+the prediction, teaches the app photos of two letters and deletes one, or fingerspells a word to Live mode
+through a fake camera that plays a video made of another person's photos. The screenshots land in
+test-artifacts/ (app.png, app_teach.png, app_live.png, ...).
 
 Needs Debian's chromium (/usr/bin/chromium; `.ci/run` installs it) and the Python playwright package, which
 drives it directly: no `playwright install`, no browser download.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import pytest
 from PIL import Image
 
 import predict
-from conftest import ROOT
+from conftest import ROOT, spelling_frames, write_y4m
 
 CHROMIUM = Path("/usr/bin/chromium")
 # the flags this machine needs: no sandbox as root, and no background traffic to hosts the network refuses
@@ -84,14 +86,18 @@ def serve(tmp_path):
 
 
 @contextlib.contextmanager
-def browser_page(artifact: Path, height: int = 800):
+def browser_page(artifact: Path, height: int = 800, camera: Path | None = None):
     """A page of headless Chromium; its screenshot lands in `artifact`, also when the test failed (it shows why).
-    The screenshot shows `height` pixels: Streamlit scrolls inside the page, so a full-page shot shows no more."""
+    The screenshot shows `height` pixels: Streamlit scrolls inside the page, so a full-page shot shows no more.
+    `camera`: a .y4m video that Chromium's fake camera plays (in a loop), allowed without asking."""
     from playwright.sync_api import sync_playwright
 
     artifact.parent.mkdir(exist_ok=True)
+    flags = CHROMIUM_FLAGS + ([] if camera is None else [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera}"])
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
         page = browser.new_page(viewport={"width": 1280, "height": height})
         try:
             yield page
@@ -187,3 +193,32 @@ def test_teach_mode_in_a_real_browser_saves_counts_and_deletes_photos(serve, tra
         expect(page.get_by_test_id("stTable").locator("tbody td")).to_have_text(["1", "1", "0"])
         expect(page.get_by_test_id("stImage")).to_have_count(1)
         assert sorted((collect / "B").iterdir()) == photos[1:]
+
+
+def test_live_mode_in_a_real_browser_spells_the_word_the_camera_shows(serve, hand_run, hand_word, tmp_path):
+    from playwright.sync_api import expect
+
+    # another person's photos, each held 1.2 s at 15 frames/s, 0.8 s without a hand between two same letters; the
+    # app types a letter held 0.6 s (its default)
+    photos, word = hand_word
+    clip = write_y4m(tmp_path / "clip.y4m", spelling_frames(photos, word, per_letter=18, gap=12, lead=30, trail=45))
+    url = serve(hand_run)
+    with browser_page(ROOT / "test-artifacts" / "app_live.png", height=1000, camera=clip) as page:
+        # the fake camera is allowed by its flag; the clipboard for the Copy button (any grant replaces the others)
+        page.context.grant_permissions(["camera", "clipboard-read", "clipboard-write"], origin=url)
+        page.goto(url)
+        page.get_by_role("radio", name="Live").click(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("Fingerspell to the camera")).to_be_visible(timeout=TIMEOUT_MS)
+        text = page.get_by_test_id("live-text")
+        # the clip plays in a loop: the word stands alone for the 3 s without a hand that end it
+        expect(text).to_have_text(word, timeout=TIMEOUT_MS)
+        expect(page.get_by_text("No hand found.")).to_be_visible()
+        expect(page.get_by_text(re.compile(r"[\d.]+ frames/s read"))).to_be_visible()
+        page.get_by_role("button", name="Copy").click()
+        expect(page.get_by_role("button", name="Copied")).to_be_visible()
+        assert page.evaluate("navigator.clipboard.readText()") == word
+        page.get_by_role("button", name="Clear").click()
+        expect(text).to_have_text("")
+        # the clip again: its first letter typed anew, shown with the hand found (the screenshot shows it)
+        expect(text).to_have_text(word[0], timeout=TIMEOUT_MS)
+        expect(page.get_by_text(f"{word[0]}, probability", exact=False)).to_be_visible()

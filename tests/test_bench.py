@@ -53,6 +53,18 @@ def test_quick_serve_bench_reports_the_served_latency(trained_run, synthetic_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.json"]  # the store and the server's log went away
 
 
+def test_quick_live_bench_reads_camera_frames_through_the_live_route_s_function(tmp_path):
+    out = tmp_path / "live.json"
+    result = subprocess.run([sys.executable, "bench.py", "--live", "--quick", "--json", str(out)], cwd=ROOT, text=True,
+                            capture_output=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "frames read a second" in result.stdout and "p50" in result.stdout
+    results = json.loads(out.read_text())
+    assert set(results["live"]) == {"frames_per_s", "latency_p50_ms", "latency_p95_ms"}
+    assert all(math.isfinite(v) and v > 0 for v in results["live"].values())
+    assert results["settings"]["frames"] == 10 and results["settings"]["frame_size"] == "640x480"
+
+
 def test_peak_memory_measures_a_block_shorter_than_its_sampling_interval():
     import bench
 

@@ -63,12 +63,12 @@ TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration"
 def test_serving_imports_no_training_or_tracking_module():
     # in a fresh interpreter: this one has imported everything. tqdm is not on the list: `import torch` loads it
     code = ("import sys\n"
-            f"for module in ('predict', 'export', 'app'):\n"
+            f"for module in ('predict', 'export', 'app', 'spell'):\n"
             f"    __import__(module)\n"
             f"    print(module, [m for m in {TRAINING_OR_TRACKING!r} if m in sys.modules])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[:3] == ["predict []", "export []", "app []"]
+    assert result.stdout.split("\n")[:4] == ["predict []", "export []", "app []", "spell []"]
 
 
 def test_decide_answers_only_when_sure_and_a_hand_is_there():
@@ -146,6 +146,9 @@ def test_a_hand_aware_predictor_pools_where_it_finds_a_hand(hand_run):
         hand_probs = torch.softmax(predictor.hand_net(features) / predictor.metadata["hands"]["temperature"], 1)
     torch.testing.assert_close(readings[0].probs, predict.pool(frame[0], hand_probs[0]))
     assert readings[0].agreed == (int(frame[0].argmax()) == int(hand_probs[0].argmax())) and readings[1].agreed is None
+    assert predictor.verdict(readings[0], 0.0) == predict.decide(predictor.classes, readings[0].probs, True, 0.0,
+                                                                 readings[0].agreed)
+    assert predictor.verdict(readings[1], 0.0).no_hand  # no hand found: no letter, however sure
     assert float(readings[0].probs.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(predictor.predict([with_hand, blank]), torch.stack([r.probs for r in readings]))
     # the ONNX backend serves the image network; the hand network is the same tiny torch module
