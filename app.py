@@ -644,7 +644,7 @@ def main() -> None:
 
 # What `streamlit run app.py` serves: Streamlit's server with Live mode's route (live.py). The page's script, this
 # file run again as __main__, makes this object too, and nothing uses it.
-app = st.App(Path(__file__), routes=live.routes(decode_image))
+app = st.App(Path(__file__), routes=live.routes())
 
 if __name__ == "__main__":  # also true under `streamlit run` and AppTest; false when tests import the helpers
     main()

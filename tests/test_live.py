@@ -9,7 +9,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-import app
+import image_io
 import live
 import predict
 from conftest import no_hand_frame
@@ -40,7 +40,7 @@ def sessions() -> live.Sessions:
 
 @pytest.fixture
 def client(sessions) -> TestClient:
-    return TestClient(Starlette(routes=live.routes(app.decode_image, sessions)))
+    return TestClient(Starlette(routes=live.routes(sessions)))
 
 
 def post(client: TestClient, token: str, body: bytes = b"", action: str = "frame"):
@@ -91,7 +91,7 @@ def test_a_frame_is_answered_with_the_letter_the_hand_and_the_text(client, sessi
     token = live.new_token()
     sessions.open(token, predictor, live.Settings(hold=1, seconds=False))
     letter = photos["word"][-1]
-    image = app.decode_image(photos[letter], letter)
+    image = image_io.decode_photo(photos[letter], letter)
     expected = predictor.verdict(predictor.read([image])[0])
     response = post(client, token, photos[letter])
     assert response.status_code == 200
@@ -138,7 +138,7 @@ def test_a_mirrored_session_reads_the_mirrored_frame(client, sessions, predictor
     token = live.new_token()
     sessions.open(token, predictor, live.Settings(mirror=True))
     letter = photos["word"][-1]
-    mirrored = app.decode_image(photos[letter], letter).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mirrored = image_io.decode_photo(photos[letter], letter).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     expected = predictor.read([mirrored])[0]
     answer = post(client, token, photos[letter]).json()
     assert answer["mirrored"] and answer["probability"] == pytest.approx(float(expected.probs.max()), abs=1e-4)
@@ -171,7 +171,7 @@ def test_bad_frames_are_refused_with_the_decoder_s_message(client, sessions, mon
     token = live.new_token()
     session = sessions.open(token, "never used", live.Settings())
     response = post(client, token, b"just text")
-    assert response.status_code == 400 and "is not an image this app can read" in response.json()["error"]
+    assert response.status_code == 400 and "is not a readable image" in response.json()["error"]
     assert "empty" in post(client, token, b"").json()["error"]
     buf = io.BytesIO()
     Image.new("1", (12000, 12000)).save(buf, "PNG")  # 17 KB that claim 144 megapixels

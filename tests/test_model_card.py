@@ -8,7 +8,6 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 import evaluate
 import model_card

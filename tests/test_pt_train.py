@@ -363,7 +363,7 @@ def test_calibration_on_people_not_trained_on_fits_the_temperatures_and_the_app_
     assert predictor.metadata["calibrated_on"] == [str(other)]
     assert predictor.threshold == fitted["threshold"] in predict.THRESHOLD_STEPS
     card = (out / "MODEL_CARD.md").read_text()
-    assert f"images of people it did not train on (other)" in card and "**The app's threshold:**" in card
+    assert "images of people it did not train on (other)" in card and "**The app's threshold:**" in card
     assert fitted["reached"] == (predict.fit_threshold(fitted["by_threshold"]) == fitted["threshold"])
     # the threshold was fitted on the answers the model gives as served: read the photos again, as the app does
     samples = data_loader.scan_folders([other], predictor.classes).samples

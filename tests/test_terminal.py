@@ -2,7 +2,6 @@
 them; third-party deprecation warnings hidden, ours shown on one line."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
