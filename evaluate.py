@@ -167,7 +167,9 @@ def load_validation_split(predictor: predict.Predictor, run_dir: Path | None) ->
                 for i in val_idx]
     description = "validation split of " + ", ".join(
         f"`{root}` ({rule.split_by} split, val_split {rule.val_split}, seed {rule.seed}"
-        f"{f', {rule.per_class} per class replayed' if rule.per_class is not None else ''})" for root, rule in folders)
+        f"{f', at most {rule.per_class} per class trained on' if rule.per_class is not None else ''}"
+        f"{f', {rule.val_per_class} per class held out' if rule.val_per_class is not None else ''})"
+        for root, rule in folders)
     saved_split = _run_file(run_dir, "split.json")
     where = "The training data folder(s)"
     # by folder number and relative path: the folders may have moved since training, as long as config.json says where

@@ -145,7 +145,7 @@ def test_the_validation_split_of_a_fine_tuning_on_several_folders_is_recomputed(
                           "--no-augment"]) == 0
     data = evaluate.load_validation_split(predict.load_predictor(run), run)
     folders = json.loads((run / "split.json").read_text())["folders"]
-    assert "equals the" in data.notes[0] and "3 per class replayed" in data.description
+    assert "equals the" in data.notes[0] and "at most 3 per class trained on, 10 per class held out" in data.description
     assert sorted(str(Path(p).relative_to(f["root"])) for f in folders for p, _ in data.samples
                   if Path(p).is_relative_to(f["root"])) == sorted(v for f in folders for v in f["val"])
     classes = predict.load_predictor(run).classes
