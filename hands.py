@@ -73,7 +73,7 @@ CROP_MARGIN = 1.5
 # Where MediaPipe finds no hand it looks again at the image with its edge pixels repeated outward by this share of
 # its longer side on every side: its palm detector misses hands that fill the frame or leave it (close-ups), and
 # finds most of them with room around them. Measured: 548 of the 565 external photos without a hand found (97%),
-# 387 of the 1,184 Kaggle training frames (none of the 298 `nothing` frames); README, "Other people's hands".
+# 387 of the 1,184 Kaggle training frames (none of the 298 `nothing` frames); docs/results.md, "Other people's hands".
 SECOND_LOOK_PAD = 0.3
 CACHE_FORMAT = 3  # bump when the file layout or how hands are searched changes
 # MediaPipe's hand skeleton, for drawing: (from, to) landmark indices
@@ -485,7 +485,7 @@ def features(hand: Hand) -> np.ndarray:
     Image coordinates (x, y, z) and MediaPipe's metric world coordinates, each so normalised, come first
     (`N_POINT_FEATURES`, all that models trained before the rest was added read). Then what no turn of the hand
     or the camera changes, from the world coordinates: the distance between every two landmarks (in hand sizes)
-    and the cosine of each finger joint's angle. Another signer shows some letters from another side (README,
+    and the cosine of each finger joint's angle. Another signer shows some letters from another side (docs/results.md,
     "Other people's hands"); these let the landmark network know the shape from there too.
     """
     if hand.handedness == "Left":

@@ -18,7 +18,7 @@ around the hand (`Predictor.model_input`), a fused model's the whole frame. Wher
 pools the landmark network's and the image network's probabilities (`pool`: their geometric mean), elsewhere
 it is the image network's alone. Where the two networks name different letters, the app says it is unsure
 whatever the probability (`decide`): on another person's photos that disagreement marks most of the wrong
-answers (README, "Other people's hands").
+answers (docs/results.md, "Other people's hands").
 `Predictor.read` returns the hand with the probabilities, for the app to draw and to say when there is none.
 
 `load_predictor(..., backend="onnx")` serves the image network with ONNX Runtime instead of eager PyTorch: the
@@ -189,7 +189,7 @@ def pool(*probs: torch.Tensor) -> torch.Tensor:
     """Several models' class probabilities as one: their geometric mean, renormalised (a product of experts). A
     class must be likely to every model to stay likely, so one model's confident mistake is outvoted where another
     rules that class out, which the plain average lets through. Measured on the hand-aware model's two networks:
-    fewer errors on the signer's held-out frames and on another person's photos (README, "Other people's hands")."""
+    fewer errors on the signer's held-out frames and on another person's photos (docs/results.md, "Other people's hands")."""
     tiny = torch.finfo(torch.float32).tiny  # a probability that underflowed to 0 rules its class out, no NaN
     return torch.softmax(torch.stack([p.float().clamp_min(tiny).log() for p in probs]).mean(0), dim=-1)
 

@@ -43,22 +43,22 @@ from errors import UsageError
 log = logging.getLogger("pt_train")
 
 EXIT_USAGE = 2
-# Training resolutions that did best within 30 minutes on 2 CPU cores (README, "Model quality"): pretrained
+# Training resolutions that did best within 30 minutes on 2 CPU cores (docs/results.md, "Model quality"): pretrained
 # Lite0 reached 99.9% held-out accuracy at 128 px; from scratch 96 px beat 64 px in the same time.
 DEFAULT_IMG_SIZE_PRETRAINED = 128
 DEFAULT_IMG_SIZE_SCRATCH = 96
-# The landmark network (README, "Other people's hands"): under half a second an epoch on 2 CPU cores for 7,000 hands
+# The landmark network (docs/results.md, "Other people's hands"): under half a second an epoch on 2 CPU cores for 7,000 hands
 HAND_EPOCHS, HAND_BATCH_SIZE, HAND_LEARNING_RATE, HAND_HIDDEN = 40, 128, 3e-3, 256
-# Fine-tuning a trained model on a user's photos (--init_from; README, "Teach it your hand"): a few epochs at a
+# Fine-tuning a trained model on a user's photos (--init_from; docs/results.md, "Teach it your hand"): a few epochs at a
 # lower rate adapt it without undoing what it learned, and a replay of 20 images per class of its own data kept
 # the held-out accuracy of the data it was trained on within half a point (set a priori, measured once)
 FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, REPLAY_PER_CLASS = 3, 3e-4, 20
-# Stem and stages 1-3 of the pretrained backbone stay as ImageNet left them (README, "Other people's hands"): the
+# Stem and stages 1-3 of the pretrained backbone stay as ImageNet left them (docs/results.md, "Other people's hands"): the
 # quick start's epochs got quicker and the image network read another person's photos at 0.58 instead of 0.51
 PRETRAINED_FROZEN_STAGES = 3
-HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (README, "Other people's hands")
+HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (docs/results.md, "Other people's hands")
 # --whole_share; 0.3 read the shifted set better in two draws but another person's photos a little worse, and the app
-# was right less often when it answered (README, "Other people's hands")
+# was right less often when it answered (docs/results.md, "Other people's hands")
 WHOLE_SHARE = 0.0
 MAX_PER_CLASS = 0  # --max_per_class
 
@@ -72,20 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_per_class", type=int, default=MAX_PER_CLASS, metavar="N",
                       help="at most N training images per class from each folder, spread evenly over its frames, so "
                            "that a folder of many near-duplicate video frames (the Kaggle signer's 270 a letter) does "
-                           "not drown the photos of other people (README, 'Other people's hands'); 0: all")
+                           "not drown the photos of other people (docs/results.md, 'Other people's hands'); 0: all")
     data.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation")
     data.add_argument("--split_by", choices=("auto", "block", "random"), default="auto",
                       help="block: hold out runs of consecutive frames (auto picks it when names carry frame numbers)")
     data.add_argument("--img_size", type=int, default=None,
                       help="training resolution (default: 128 with pretrained weights, 96 with --weights none: the "
-                           "best measured within a 30-minute CPU budget, README 'Model quality'; the weights' own "
+                           "best measured within a 30-minute CPU budget, docs/results.md; the weights' own "
                            "preset is 224)")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="random crops, rotation, colour jitter, blur and erasing")
     data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                       help="also mirror images at random (default: on with --augment), so the model reads signers "
                            "of either hand: a mirrored letter is the same letter signed with the other hand "
-                           "(measured +25 points on another person's photos for -0.2 on held-out frames; README)")
+                           "(measured +25 points on another person's photos for -0.2 on held-out frames; docs/results.md)")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     data.add_argument("--cache", choices=("auto", "disk", "none"), default="auto",
                       help="disk: decode every image once into a memory-mapped uint8 cache that later epochs and "
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--init_from", metavar="RUN_OR_CHECKPOINT",
                        help="fine-tune a trained model (a --save_dir of this script, or its best.pt): its weights, "
                             "architecture and preprocessing, its classes first; a new output row for each class "
-                            "it did not know (README, 'Teach it your hand')")
+                            "it did not know (docs/results.md, 'Teach it your hand')")
     model.add_argument("--replay", type=int, default=REPLAY_PER_CLASS,
                        help="with --init_from: mix in this many training images per class of the data the model "
                             "was trained on (its folders not named in --xtrain_path), so fine-tuning does not "
@@ -115,18 +115,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="keep the stem and the first N of the backbone's stages at their pretrained weights "
                             f"(default: {PRETRAINED_FROZEN_STAGES} with --weights imagenet, 0 from scratch or with "
                             "--init_from): quicker epochs, and the image network read another person's photos "
-                            "better (README, 'Other people's hands')")
+                            "better (docs/results.md, 'Other people's hands')")
     model.add_argument("--hands", choices=HAND_MODES, default=None,
                        help="crop (default): also find the hand (MediaPipe, hands.py) and read its 21 landmarks with "
                             "a small network, pooled with the image network where a hand is found, the image network "
                             "reading the square around the hand (the whole frame where none is found): it reads "
-                            "other people's hands best (README, 'Other people's hands'); fused: the same, the image "
+                            "other people's hands best (docs/results.md, 'Other people's hands'); fused: the same, the image "
                             "network reading the whole frame; none: the image network alone, on the whole frame. "
                             "With --init_from: the model's own")
     model.add_argument("--whole_share", type=float, default=WHOLE_SHARE, metavar="P",
                        help="crop models: the share of training images the image network reads whole instead of "
                             "their square, drawn once by the seed. Measured at 0.3: photos whose hand MediaPipe misses "
-                            "(dark, blurred, noisy) are read better, another person's photos a little worse (README, "
+                            "(dark, blurred, noisy) are read better, another person's photos a little worse (docs/results.md, "
                             "'Other people's hands')")
     model.add_argument("--hand_model", default=None,
                        help="a MediaPipe hand_landmarker.task to use instead of the cached one (see hands.py)")
@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "temperatures and the app's default threshold (the lowest at which its answers are "
                             f"right {predict.ANSWER_PRECISION:.0%} of the time) are fitted on them, so that they "
                             "hold for a new person, which the training people's held-out images overstate "
-                            "(README, 'Other people's hands')")
+                            "(docs/results.md, 'Other people's hands')")
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default="runs/latest")
     run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")

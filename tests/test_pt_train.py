@@ -104,7 +104,7 @@ def test_existing_run_is_not_overwritten_by_accident(synthetic_dir, tmp_path, ca
 
 
 def test_the_default_resolution_follows_the_weights_unless_given():
-    # which resolutions are best is measured (README "Model quality"); here: that the choice is applied
+    # which resolutions are best is measured (docs/results.md, "Model quality"); here: that the choice is applied
     assert pt_train.parse_args([]).img_size == pt_train.DEFAULT_IMG_SIZE_PRETRAINED
     assert pt_train.parse_args(["--weights", "none"]).img_size == pt_train.DEFAULT_IMG_SIZE_SCRATCH
     assert pt_train.DEFAULT_IMG_SIZE_PRETRAINED != pt_train.DEFAULT_IMG_SIZE_SCRATCH  # else this cannot tell
