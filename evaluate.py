@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "split that training held out")
     p.add_argument("--out_dir", default="reports/latest", help="where the report goes")
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
+    p.add_argument("--known_classes_only", action="store_true",
+                   help="score only the test folder's classes the model knows, and name the others in the notes "
+                        "(e.g. a letters-only model on a folder that also holds del, nothing and space)")
     p.add_argument("--samples", type=int, default=12, help="random images shown with predictions in samples.png")
     p.add_argument("--seed", type=int, default=0, help="seed of --max_per_class and --samples")
     p.add_argument("--threshold", type=float, default=None,
@@ -119,8 +122,9 @@ def _named(images: data_loader.ImageList) -> list[tuple[str, str]]:
     return [(path, images.classes[label]) for path, label in images.samples]
 
 
-def load_test_folder(test_dir: str | os.PathLike, classes: list[str]) -> EvalSet:
-    """The images of a test folder: one sub-folder per class, or flat files labelled by name (`A_test.jpg`)."""
+def load_test_folder(test_dir: str | os.PathLike, classes: list[str], known_only: bool = False) -> EvalSet:
+    """The images of a test folder: one sub-folder per class, or flat files labelled by name (`A_test.jpg`); with
+    `known_only`, those of the classes the model knows (the others named in a note)."""
     root = Path(test_dir).expanduser()
     if not root.is_dir():
         raise DatasetError(f"--test_dir '{root}' does not exist or is not a folder.")
@@ -128,8 +132,13 @@ def load_test_folder(test_dir: str | os.PathLike, classes: list[str]) -> EvalSet
     images = (data_loader.scan_image_folder(root, min_classes=1) if has_class_folders
               else data_loader.scan_flat_folder(root))
     layout = "class sub-folders" if has_class_folders else "flat files, label from the name"
-    return EvalSet(f"test folder `{root}` ({layout})", _model_labels(_named(images), classes, f"'{root}'"),
-                   list(images.skipped))
+    named, notes = _named(images), []
+    unknown = sorted({name for _, name in named} - set(classes))
+    if known_only and unknown:
+        named = [(path, name) for path, name in named if name in classes]
+        notes.append(f"Classes the model does not know were left out (--known_classes_only): {', '.join(unknown)}.")
+    return EvalSet(f"test folder `{root}` ({layout})", _model_labels(named, classes, f"'{root}'"),
+                   list(images.skipped), notes)
 
 
 def _run_file(run_dir: Path | None, name: str):
@@ -729,7 +738,7 @@ def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     source = args.model_dir or args.checkpoint
     predictor = predict.load_predictor(source, "cuda" if args.gpu else "cpu")
     run_dir = _run_dir(source)
-    data = (load_test_folder(args.test_dir, predictor.classes) if args.test_dir
+    data = (load_test_folder(args.test_dir, predictor.classes, args.known_classes_only) if args.test_dir
             else load_validation_split(predictor, run_dir))
     chosen = data.samples
     if args.max_per_class:

@@ -84,7 +84,9 @@ def full_fold(name: str, left_out: Path, argv: list[str], fold_dir: Path) -> dic
         raise UsageError(f"Training without '{name}' failed (see the log above); fix it and run this command again "
                          "to continue.")
     report = fold_dir / "report"
-    eval_argv = ["--model_dir", str(fold_dir / "run"), "--test_dir", str(left_out), "--out_dir", str(report)]
+    # a folder may hold classes the others lack (the Kaggle signer's del, nothing and space): they cannot be read
+    eval_argv = ["--model_dir", str(fold_dir / "run"), "--test_dir", str(left_out), "--out_dir", str(report),
+                 "--known_classes_only"]
     m = evaluate.evaluate(evaluate.parse_args(eval_argv), eval_argv).scores.metrics
     trust = m["trust"]
     return {"images": m["n_images"], "hand_found": m.get("hands", {}).get("found_share"),
@@ -105,8 +107,10 @@ def hands_only_fold(left_out: Path, argv: list[str]) -> dict:
     splits = pt_train.make_splits(args, prepared)
     net = pt_train.train_hand_net(args, 0, 1, None, prepared, splits)
     classes = prepared["images"].classes
-    images = data_loader.scan_folders([left_out], classes)
-    paths = [path for path, _ in images.samples]
+    # scan_folders numbers classes the model does not know after its own: those images cannot be read
+    samples = [(path, label) for path, label in data_loader.scan_folders([left_out], classes).samples
+               if label < len(classes)]
+    paths = [path for path, _ in samples]
     with hands.HandFinder(args.hand_model) as finder:
         found = hands.find_hands(paths, finder, image_io.load_rgb, workers=max(1, args.num_workers))
     rows = [i for i, hand in enumerate(found) if hand is not None]
@@ -116,7 +120,7 @@ def hands_only_fold(left_out: Path, argv: list[str]) -> dict:
     temperature = calibration.fit_temperature(*calibration.collect_logits(
         net, data_loader.make_loader(val_set, 4 * pt_train.HAND_BATCH_SIZE, train=False, num_workers=0)))
     features = torch.from_numpy(np.stack([hands.features(found[i]) for i in rows]))
-    targets = torch.tensor([images.samples[i][1] for i in rows])
+    targets = torch.tensor([samples[i][1] for i in rows])
     with torch.no_grad():
         logits = net.eval()(features).float()
     probs = torch.softmax(logits / temperature, dim=1).numpy()

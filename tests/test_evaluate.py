@@ -358,6 +358,14 @@ def test_gpu_flag_without_cuda_is_explained(trained_run, tmp_path):
 # ------------------------------------------------------------------------------------------- real images
 
 @requires_shared
+def test_classes_the_model_does_not_know_are_refused_or_left_out_when_asked(tmp_path):
+    make_image_folder(tmp_path / "t", classes=("A", "Q"), per_class=2)
+    with pytest.raises(evaluate.DatasetError, match="class\\(es\\) the model does not know: Q"):
+        evaluate.load_test_folder(tmp_path / "t", ["A", "B"])
+    data = evaluate.load_test_folder(tmp_path / "t", ["A", "B"], known_only=True)
+    assert [label for _, label in data.samples] == [0, 0] and "left out (--known_classes_only): Q." in data.notes[0]
+
+
 def test_kaggle_test_folder_is_parsed_with_labels_from_names():
     images = data_loader.scan_flat_folder(SHARED_ASL / "test")
     assert len(images.samples) == 28 and images.skipped == []
