@@ -225,5 +225,5 @@ def test_the_onnx_export_prints_its_progress_only_when_verbose(tmp_path, capsys,
     monkeypatch.setenv("ASL_VERBOSE", verbose)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 3))
-    assert predict.export_onnx(net, tmp_path / "net.onnx", 16).is_file()
+    assert predict.export_onnx(net, tmp_path / "net.onnx", (3, 16, 16)).is_file()
     assert ("[torch.onnx]" in capsys.readouterr().out) == (verbose == "1")
