@@ -395,8 +395,9 @@ def live_settings(default_threshold: float) -> live.Settings:
         st.header("Settings")
         threshold = threshold_slider(default_threshold)
         unit = st.segmented_control("Hold a letter for", ["seconds", "frames"], default="seconds", required=True,
-                                    help="How long a letter must stay the answer to be typed. Frames count the "
-                                         "frames the app read, which depends on its speed; seconds do not.")
+                                    help="A letter is typed once it is what the app reads in at least half of "
+                                         "the frames of this hold, sure or not. Frames count the frames the app "
+                                         "read, which depends on its speed; seconds do not.")
         if unit == "seconds":
             hold = st.slider("Seconds", 0.1, 3.0, spelling.DEFAULT_HOLD_S, 0.1, key="hold_s")
         else:

@@ -3,9 +3,9 @@
 Reads every frame of a video file (anything OpenCV's FFmpeg reads: .mp4, .mov, .webm, .y4m, ...) or of a folder
 of frames (image files in the order of the frame numbers in their names, `--fps` frames a second) with the model,
 as the app's Live mode reads a camera: predict.py finds the hand and reads the letter (ONNX Runtime on the CPU,
-like the app), the app's threshold decides whether it names a sign, and spelling.py types the signs held long
-enough (`--hold_s` seconds, or `--hold_frames` frames) into text, `space` and `del` as keys. Prints the text;
-`--csv` also writes what every frame was read as and the text so far.
+like the app), and spelling.py types the signs held long enough (`--hold_s` seconds, or `--hold_frames` frames)
+into text, `space` and `del` as keys. Prints the text; `--csv` also writes what every frame was read as (and
+whether the app's Read mode would answer it, at the model's threshold) and the text so far.
 """
 from __future__ import annotations
 
@@ -44,8 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hold.add_argument("--hold_s", type=float, help=f"seconds a sign must be held to be typed (default "
                                                    f"{spelling.DEFAULT_HOLD_S})")
     hold.add_argument("--hold_frames", type=int, help="frames a sign must be held to be typed, instead of seconds")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="below this probability a frame names no sign (default: the model's own, as in the app)")
     p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames a second of a folder of frames")
     p.add_argument("--mirror", action="store_true", help="mirror every frame left-right (signing with the other "
                                                          "hand)")
@@ -140,13 +138,13 @@ class Row:
 
 
 def spell(predictor: predict.Predictor, frames: Iterable[Frame], speller: spelling.Speller,
-          threshold: float | None = None, mirror: bool = False) -> Iterator[Row]:
+          mirror: bool = False) -> Iterator[Row]:
     """Read the frames with the model, `BATCH` at a time, and feed their answers to `speller`; one Row each."""
     frames = iter(frames)
     while batch := list(itertools.islice(frames, BATCH)):
         images = [ImageOps.mirror(f.image) if mirror else f.image for f in batch]
         for frame, reading in zip(batch, predictor.read(images)):
-            verdict = predictor.verdict(reading, threshold)
+            verdict = predictor.verdict(reading)
             step = speller.feed(spelling.answer_of(verdict), frame.time)
             yield Row(frame.index, round(frame.time, 4), reading.hand is not None if predictor.uses_hands else None,
                       verdict.label, round(verdict.probability, 4), verdict.answered, step.typed, step.text)
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         frames = frames_of(args.source, args.fps)
         predictor = predict.load_predictor(args.model_dir, backend="onnx")
-        rows = list(spell(predictor, frames, speller, args.threshold, args.mirror))
+        rows = list(spell(predictor, frames, speller, args.mirror))
         if args.csv:
             try:
                 write_csv(rows, args.csv)

@@ -23,25 +23,43 @@ def spell(answers: str, hold: float = 3) -> str:
     ("AAAAAAAAA", "A"),  # holding on does not repeat it
     ("HHHEEELLL..LLLOOO", "HELLO"),  # a gap of half the hold between the two L's
     ("LLL.LLL", "L"),  # a gap of one frame is a flicker, not a dropped hand
-    ("LLLAALLL", "L"),  # so is another letter shown for less than the hold
-    ("LLLAAALLL", "LAL"),  # another letter held in between: the same letter again
+    ("LLLALLL", "L"),  # so is another letter in one frame of the hold
+    ("LLLAAALLL", "LAL"),  # another letter for most of a hold in between: the same letter again
     ("AAABBB", "AB"),  # a change of letter needs no gap
-    ("AAB.BAAA", "A"),  # a flicker of answers: nothing held long enough
+    ("ABCABCABC", ""),  # a flicker among answers: none is the answer of half a hold
+    ("A.A", "A"),  # an unsure frame inside a hold: the letter is still most of it
+    ("AAA.A.A.A", "A"),  # unsure frames between answers: neither a gap nor a new hold
     ("HHHIII___", "HI "),
     ("AAABBB<<<", "A"),
     ("AAABBB<<<..<<<", ""),  # del again after dropping the hand
     ("<<<", ""),  # del on empty text
-    ("AAA.A.A.A", "A"),  # unsure frames between answers: neither a gap nor a hold
 ])
 def test_held_signs_are_typed_once(answers, text):
     assert spell(answers) == text
+
+
+def test_the_share_is_how_much_of_the_hold_a_sign_must_fill():
+    flickering = "AABAABAAB"  # A in 2 of every 3 frames
+    assert spell(flickering, hold=6) == "A"  # the default: half of the hold
+    speller = Speller(6, share=1.0)  # every frame of the hold: a flicker breaks it
+    for a in flickering:
+        speller.feed(a)
+    assert speller.text == ""
+    with pytest.raises(ValueError, match="share"):
+        Speller(3, share=0)
+
+
+def test_a_letter_read_half_the_time_as_a_look_alike_is_typed_once():
+    # M is typed when it fills most of a hold; N, as often as M after it, never fills a new hold of its own
+    assert spell("MNMNMMNMN", hold=6) == "M"
 
 
 def test_each_step_reports_the_letter_its_hold_and_what_changed():
     speller = Speller(4)
     steps = [speller.feed(a) for a in ["B", "B", "B", "B", "B", None, "A"]]
     assert [s.letter for s in steps] == ["B"] * 5 + [None, "A"]
-    assert [s.progress for s in steps] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.25]
+    # A fills one frame of the last four, half of the share it needs
+    assert [s.progress for s in steps] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.5]
     assert [s.typed for s in steps] == [None, None, None, "B", None, None, None]
     assert [s.changed for s in steps] == [False, False, False, True, False, False, False]
     assert [s.text for s in steps] == ["", "", "", "B", "B", "B", "B"]
@@ -83,7 +101,7 @@ def test_a_zero_hold_types_each_new_answer_at_once():
 
 
 def test_clear_empties_the_text_without_typing_the_held_sign_again():
-    speller = Speller(2, text="HEL")
+    speller = Speller(3, text="HEL")
     for a in ["L", "L", "L"]:
         speller.feed(a)
     assert speller.text == "HELL"
@@ -91,13 +109,13 @@ def test_clear_empties_the_text_without_typing_the_held_sign_again():
     assert speller.feed("L").text == "" and speller.feed("O").text == "" and speller.feed("O").text == "O"
 
 
-def test_the_answer_of_a_verdict_is_its_sign_only_when_the_app_names_it():
+def test_the_answer_of_a_verdict_is_its_sign_wherever_a_hand_is_found_sure_or_not():
     import torch
 
     classes = ["A", "B", "nothing"]
     probs = torch.tensor([0.7, 0.2, 0.1])
     assert spelling.answer_of(predict.decide(classes, probs, True)) == "A"
+    assert spelling.answer_of(predict.decide(classes, probs, True, threshold=0.8)) == "A"  # unsure
+    assert spelling.answer_of(predict.decide(classes, probs, True, agreed=False)) == "A"  # networks disagree
     assert spelling.answer_of(predict.decide(classes, probs, False)) is None  # no hand found
-    assert spelling.answer_of(predict.decide(classes, probs, True, threshold=0.8)) is None  # unsure
-    assert spelling.answer_of(predict.decide(classes, probs, True, agreed=False)) is None  # networks disagree
     assert spelling.answer_of(predict.decide(classes, torch.tensor([0.1, 0.1, 0.8]), True)) is None  # nothing
