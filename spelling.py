@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 SPACE, DELETE = "space", "del"  # the Kaggle dataset's control signs
-# Held this long, a letter is typed; on a camera at 15 frames/s, 9 frames
+# The hold: a sign that is most of this long is typed; on a camera at 15 frames/s, 9 frames
 DEFAULT_HOLD_S = 0.6
 DEFAULT_HOLD_FRAMES = 9
 # A sign is typed when it is the answer of at least this share of the frames of the hold (the rest: flicker)
