@@ -5,8 +5,9 @@ getUserMedia and POSTs one JPEG at a time to `/api/live/<token>/frame`, a route 
 serves itself as `st.App(..., routes=live.routes())`, which `streamlit run app.py` finds and runs.
 The route reads the frame with the model (`read_frame`: predict.py finds the hand and reads the letter; the
 sidebar's threshold decides whether the page calls it sure) and feeds what it reads to a `spelling.Speller`; the
-page draws the hand, the letter and the text from its JSON answer. Chosen by measurement over streamlit-webrtc (docs/results.md, "Live and spelling"): on the same server,
-nothing to install, nothing to relay, and no frame queued.
+page draws the hand, the letter and the text from its JSON answer. Chosen by measurement over streamlit-webrtc
+(docs/results.md, "Live and spelling"): on the same server, nothing to install, nothing to relay, and no frame
+queued.
 
 Each browser session has its own `LiveSession` (the model and settings its page chose, and its speller) under a
 random token that the page's script run makes and hands to the page (`Sessions.open`); the route serves only
