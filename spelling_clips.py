@@ -3,7 +3,7 @@
     python spelling_clips.py ../shared/asl/external --model_dir runs/asl --out_dir reports/spelling
 
 PHOTOS holds one sub-folder of photos per letter (as a training folder does). Each word becomes a folder of frames,
-OUT_DIR/<WORD>/, as a 15 frames/s camera would see it: each letter held for `--hold_frames` frames (15: a second),
+OUT_DIR/clips/<WORD>/, as a 15 frames/s camera would see it: each letter held for `--hold_frames` frames (15: a second),
 each frame the next photo of that letter in file order (another photo of the same sign, so a harder clip than a
 video of one hand), and `--gap` frames (8) of a plain grey scene without a hand around the word and between a
 letter and its repeat (the two L's of HELLO are spelled by dropping the hand). Every clip is then spelled by
@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         text = report(rows, args.model_dir, args.photos)
         with run_artifacts.atomic_path(out / "spelling.md") as tmp:
             tmp.write_text(text)
+    except OSError as err:
+        log.error("Could not write under '%s' (%s); pass an --out_dir that can be written to.", out,
+                  err.strerror or err)
+        return EXIT_USAGE
     except UsageError as err:
         log.error("%s", err)
         return EXIT_USAGE

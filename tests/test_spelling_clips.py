@@ -57,6 +57,16 @@ def test_photos_missing_a_letter_of_the_words_are_refused_naming_it(tmp_path):
         spelling_clips.letter_photos(tmp_path / "missing", {"A"})
 
 
+def test_an_out_dir_that_cannot_be_written_is_one_line_and_exit_2(hand_run, tmp_path, capsys):
+    folder = photo_folder(tmp_path / "photos", {"A": 2})
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the out_dir's parent should be")
+    code = spelling_clips.main([str(folder), "--model_dir", str(hand_run), "--words", "A", "--out_dir",
+                                str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Could not write under" in err and "Traceback" not in err
+
+
 def test_the_command_refuses_words_that_are_not_letters(capsys):
     with pytest.raises(SystemExit):
         spelling_clips.parse_args(["photos", "--words", "HI5"])
