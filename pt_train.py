@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--calibration_path", nargs="+", metavar="FOLDER",
                        help="folder(s) of class sub-folders of people the model does not train on: both networks' "
                             "temperatures and the app's default threshold (the lowest at which its answers are "
-                            f"right {predict.ANSWER_PRECISION:.0%} of the time) are fitted on them, so that they "
+                            f"right {predict.ANSWER_PRECISION * 100:.0f}%% of the time) are fitted on them, so that they "
                             "hold for a new person, which the training people's held-out images overstate "
                             "(docs/results.md, 'Other people's hands')")
     run = p.add_argument_group("run")

@@ -69,6 +69,14 @@ def test_pretrained_lite0_learns_the_synthetic_classes(synthetic_dir, tmp_path):
         model.N_STAGES - pt_train.PRETRAINED_FROZEN_STAGES)
 
 
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pt_train.parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--calibration_path" in out and f"right {predict.ANSWER_PRECISION:.0%} of the time" in out
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda d, t: ["--xtrain_path", str(t / "nope")], "does not exist"),
     (lambda d, t: ["--xtrain_path", str(make_image_folder(t / "one", classes=("A",), per_class=2))], "at least 2"),
