@@ -82,7 +82,7 @@ def cached_pixels(dataset: image_cache.CachedImageDataset) -> torch.Tensor:
 
 def fits_on_device(pixels: torch.Tensor, device: torch.device) -> bool:
     if device.type != "cuda":
-        return False
+        return True  # the host's memory holds them already
     free, _ = torch.cuda.mem_get_info(device)
     return pixels.numel() < DEVICE_MEMORY_SHARE * free
 
@@ -113,8 +113,8 @@ class DeviceLoader:
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int, augment: nn.Module, *,
                  device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.device, self.batch_size, self.rank, self.seed = torch.device(device), batch_size, rank, seed
-        on_device = fits_on_device(pixels, self.device)
-        self.pixels = pixels.to(self.device) if on_device else pixels
+        self.on_device = fits_on_device(pixels, self.device)
+        self.pixels = pixels.to(self.device) if self.on_device else pixels
         self.labels = labels.to(self.device)
         self.augment = augment.to(self.device)
         self.sampler = DistributedSampler(range(len(pixels)), num_replicas=world_size, rank=rank, shuffle=True,
@@ -122,7 +122,7 @@ class DeviceLoader:
         self.drop_last = len(self.sampler) > batch_size
         if self.device.type == "cuda":
             log.info("GPU input path: %d images (%.1f GB) held %s", len(pixels), pixels.numel() / 1e9,
-                     "on the GPU" if on_device else "on the host, batches through pinned memory")
+                     "on the GPU" if self.on_device else "on the host, batches through pinned memory")
 
     @classmethod
     def from_cache(cls, dataset: image_cache.CachedImageDataset, cfg: dict, batch_size: int, *, augment: bool,
@@ -136,7 +136,7 @@ class DeviceLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        if self.pixels.device == self.device:
+        if self.on_device:  # not `pixels.device == device`: torch.device("cuda") != torch.device("cuda:0")
             return self.pixels[index.to(self.device)]
         # the caching host allocator keeps a pinned block busy until its copy is done, so reuse is safe
         batch = torch.empty((len(index), *self.pixels.shape[1:]), dtype=torch.uint8, pin_memory=True)

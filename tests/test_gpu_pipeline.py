@@ -149,12 +149,13 @@ def test_uniform_images_are_a_view_of_the_cache_file(synthetic_dir, tmp_path):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_batches_are_made_on_the_gpu_and_reproducible(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("device", ["cuda:0", "cuda"])  # bench.py names the device without its index
+def test_batches_are_made_on_the_gpu_and_reproducible(synthetic_dir, tmp_path, device):
     dataset = cached(synthetic_dir, tmp_path)
-    device = torch.device("cuda", 0)
     runs = []
     for _ in range(2):
-        batches = loader(dataset, device=device)
+        batches = loader(dataset, device=torch.device(device))
+        assert batches.on_device and batches.pixels.is_cuda
         batches.sampler.set_epoch(1)
         runs.append([(images, labels) for images, labels in batches])
     for (a, la), (b, lb) in zip(*runs, strict=True):
