@@ -148,9 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--calibration_path", nargs="+", metavar="FOLDER",
                        help="folder(s) of class sub-folders of people the model does not train on: both networks' "
                             "temperatures and the app's default threshold (the lowest at which its answers are "
-                            f"right {predict.ANSWER_PRECISION * 100:.0f}%% of the time) are fitted on them, so that they "
-                            "hold for a new person, which the training people's held-out images overstate "
-                            "(docs/results.md, 'Other people's hands')")
+                            f"right {predict.ANSWER_PRECISION * 100:.0f}%% of the time) are fitted on them instead "
+                            "of the validation split. A stricter threshold, but left one signer out, training on "
+                            "those people too read new people better and was better calibrated on them "
+                            "(docs/results.md, 'Leave one signer out')")
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default="runs/latest")
     run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")
