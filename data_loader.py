@@ -542,9 +542,10 @@ class SplitRule:
     val_per_class: int | None = None
 
 
-# Replayed data is validated on a sample of the held-out images it has: enough to see forgetting, and cheap
-# per epoch (the whole Kaggle dataset's held-out tenth would take longer to score than the fine-tuning steps).
-REPLAY_VAL_PER_CLASS = 10
+# A capped or replayed folder is validated on a sample of its held-out images: enough to choose the epoch, see
+# forgetting and fit the temperatures, and cheap per epoch (the Kaggle signer's held-out tenth, 30 frames a letter,
+# was half of every validation pass and of the hand search of the 21-folder quick start, for one person of 25).
+VAL_PER_CLASS = 10
 
 
 def _evenly(indices: list[int], samples: list[Sample], n: int) -> list[int]:
@@ -581,8 +582,8 @@ def recorded_folders(meta: Mapping) -> list[tuple[str, SplitRule]]:
     """The folders a run trained on and the rule that split each, from its config.json (or a checkpoint's
     metadata). Runs from before multi-folder training recorded one folder, as `data_root`."""
     if "folders" in meta:
-        # runs from before `val_per_class` capped a replayed folder's validation images at REPLAY_VAL_PER_CLASS
-        return [(folder["root"], SplitRule(**{"val_per_class": REPLAY_VAL_PER_CLASS if folder["rule"].get("per_class")
+        # runs from before `val_per_class` capped a replayed folder's validation images at VAL_PER_CLASS
+        return [(folder["root"], SplitRule(**{"val_per_class": VAL_PER_CLASS if folder["rule"].get("per_class")
                                               is not None else None, **folder["rule"]}))
                 for folder in meta["folders"]]
     return [(meta["data_root"], SplitRule(meta["args"]["val_split"], meta["args"]["seed"], meta["split_by"]))]

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_per_class", type=int, default=MAX_PER_CLASS, metavar="N",
                       help="at most N training images per class from each folder, spread evenly over its frames, so "
                            "that a folder of many near-duplicate video frames (the Kaggle signer's 270 a letter) does "
-                           "not drown the photos of other people (docs/results.md, 'Other people's hands'); 0: all")
+                           "not drown the photos of other people (docs/results.md, 'Other people's hands'), and at most "
+                           f"{data_loader.VAL_PER_CLASS} validation images; 0: all")
     data.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation")
     data.add_argument("--split_by", choices=("auto", "block", "random"), default="auto",
                       help="block: hold out runs of consecutive frames (auto picks it when names carry frame numbers)")
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="with --init_from: mix in this many training images per class of the data the model "
                             "was trained on (its folders not named in --xtrain_path), so fine-tuning does not "
                             "make it forget them; validated on up to "
-                            f"{data_loader.REPLAY_VAL_PER_CLASS} of their held-out images per class; 0: none")
+                            f"{data_loader.VAL_PER_CLASS} of their held-out images per class; 0: none")
     model.add_argument("--freeze_backbone", action="store_true", help="train the new head only")
     model.add_argument("--frozen_stages", type=int, default=None, choices=range(models.N_STAGES + 1),
                        metavar=f"0..{models.N_STAGES}",
@@ -245,6 +246,14 @@ def _check_environment(args: argparse.Namespace) -> None:
         log_experiment.check_settings(args.tracking_uri, args.dagshub)
 
 
+def new_rule(args: argparse.Namespace) -> data_loader.SplitRule:
+    """How a folder first trained on is split: --val_split, --seed, --split_by, and with --max_per_class its
+    validation images capped too (data_loader.VAL_PER_CLASS)."""
+    capped = args.max_per_class > 0
+    return data_loader.SplitRule(args.val_split, args.seed, args.split_by, args.max_per_class if capped else None,
+                                 data_loader.VAL_PER_CLASS if capped else None)
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Checks and work done once before any worker starts: the data scan, the model to start from, the weights'
     download and the hands."""
@@ -252,7 +261,7 @@ def prepare(args: argparse.Namespace) -> dict:
     init = _load_init(args) if args.init_from else None
     roots = ([data_loader.training_folder(path) for path in args.xtrain_path] if args.xtrain_path
              else [data_loader.download_dataset()])
-    rules = [data_loader.SplitRule(args.val_split, args.seed, args.split_by, args.max_per_class or None)] * len(roots)
+    rules = [new_rule(args)] * len(roots)
     if init:
         roots, rules = _fine_tuning_folders(args, init["metadata"], roots)
     images = data_loader.scan_folders(roots, init["metadata"]["classes"] if init else ())
@@ -341,9 +350,7 @@ def _fine_tuning_folders(args: argparse.Namespace, meta: dict, roots: list[Path]
     folders missing from --xtrain_path are added as a sample of their training side (data_loader.SplitRule)."""
     recorded = data_loader.recorded_folders(meta)
     own = {Path(root).resolve(): rule for root, rule in recorded}
-    rules = [own.get(root.resolve(), data_loader.SplitRule(args.val_split, args.seed, args.split_by,
-                                                           args.max_per_class or None))
-             for root in roots]
+    rules = [own.get(root.resolve(), new_rule(args)) for root in roots]
     named = {root.resolve() for root in roots}
     roots = list(roots)
     for root, rule in recorded:
@@ -355,7 +362,7 @@ def _fine_tuning_folders(args: argparse.Namespace, meta: dict, roots: list[Path]
                              "--replay 0 to fine-tune without it (the model may then forget the classes your "
                              "folders lack).")
         roots.append(Path(root))
-        rules.append(dataclasses.replace(rule, per_class=args.replay, val_per_class=data_loader.REPLAY_VAL_PER_CLASS))
+        rules.append(dataclasses.replace(rule, per_class=args.replay, val_per_class=data_loader.VAL_PER_CLASS))
         log.info("Replaying %d training images per class of %s", args.replay, root)
     return roots, rules
 

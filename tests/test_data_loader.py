@@ -330,8 +330,8 @@ def test_runs_from_before_several_folders_are_read_as_one(tmp_path):
     assert dl.recorded_folders(legacy) == [("data", dl.SplitRule(0.2, 3, "block"))]
     assert dl.recorded_val({"val": ["A/A1.jpg"]}, legacy) == [("data", ["A/A1.jpg"])]
     replayed = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4}}]}
-    # a replay rule from before `val_per_class` held out at most REPLAY_VAL_PER_CLASS images per class
-    assert dl.recorded_folders(replayed) == [("x", dl.SplitRule(0.1, 0, "random", 4, dl.REPLAY_VAL_PER_CLASS))]
+    # a replay rule from before `val_per_class` held out at most VAL_PER_CLASS images per class
+    assert dl.recorded_folders(replayed) == [("x", dl.SplitRule(0.1, 0, "random", 4, dl.VAL_PER_CLASS))]
     capped = {"folders": [{"root": "x", "rule": {"val_split": 0.1, "seed": 0, "split_by": "random", "per_class": 4,
                                                  "val_per_class": None}}]}
     assert dl.recorded_folders(capped) == [("x", dl.SplitRule(0.1, 0, "random", 4))]

@@ -89,7 +89,7 @@ def test_each_fold_calibrates_on_another_person_than_the_one_left_out(signers):
 @pytest.mark.parametrize("extra, message", [
     (["--folds", "dee"], "--folds dee: not among the training folders (ann, bo, cy)"),
     (["--calibrate_on", "dee"], "--calibrate_on dee: not among the training folders"),
-    (["--calibrate_on", "ann", "--folds", "ann"], "--calibrate_on names only 'ann', the folder left out"),
+    (["--calibrate_on", "ann", "--folds", "ann"], "--calibrate_on names only 'ann', left out here"),
     (["--calibration_path", "x"], "Name the folders to calibrate on with --calibrate_on"),
     (["--hands_only", "--hands", "none"], "--hands_only trains the landmark network"),
 ])
@@ -122,3 +122,45 @@ def test_hands_only_scores_the_landmark_network_on_the_hands_of_the_folder_left_
         assert row["images"] == 36 and 0.5 < row["hand_found"] <= 1 and 0 <= row["accuracy"] <= 1
         assert not (out / name / "run" / "best.pt").exists()  # no image network was trained
         assert (out / name / "run" / "hand_net" / "best.pt").is_file()
+
+
+def test_the_deal_puts_each_folder_in_one_group_the_same_way_for_a_seed():
+    names = [f"p{k}" for k in range(21)]
+    groups = leave_one_out.deal(names, 5, seed=42)
+    assert sorted(name for group in groups for name in group) == sorted(names)
+    assert sorted(len(group) for group in groups) == [4, 4, 4, 4, 5]
+    assert leave_one_out.deal(names, 5, seed=42) == groups
+    assert any(leave_one_out.deal(names, 5, seed=seed) != groups for seed in range(5))
+
+
+@pytest.fixture(scope="module")
+def grouped(signers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grouped") / "out"
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(out), "--groups", "2",
+                               *FAST]) == 0
+    return out
+
+
+def test_grouped_folds_score_each_folder_by_the_model_of_the_fold_that_left_it_out(grouped, signers):
+    rows = json.loads((grouped / "table.json").read_text())
+    folds = json.loads((grouped / leave_one_out.DEAL_FILE).read_text())
+    assert folds == leave_one_out.folds_of(["ann", "bo", "cy"], 2, 42)
+    assert list(rows) == ["ann", "bo", "cy"] and sorted(map(len, folds.values())) == [1, 2]
+    root = dict(zip(("ann", "bo", "cy"), map(str, signers)))
+    for fold, members in folds.items():
+        config = json.loads((grouped / fold / "run" / "config.json").read_text())
+        assert [f["root"] for f in config["folders"]] == [root[n] for n in root if n not in members]
+        for name in members:
+            assert rows[name]["fold"] == fold
+            metrics = json.loads((grouped / name / "report" / "metrics.json").read_text())
+            assert metrics["n_images"] == rows[name]["images"] == 18  # cy's D: unknown
+            assert str(signers[list(root).index(name)]) in metrics["dataset"]["description"]
+    assert len(list(grouped.glob("group-*/run/best.pt"))) == 2  # two trainings for three folders
+    body = [line for line in (grouped / "table.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[:2] for line in body[:3]] == [[f"| {n}", rows[n]["fold"]] for n in rows]
+    assert f"{sum(row['accuracy'] for row in rows.values()) / 3:.4f}" in body[-1]
+
+
+def test_an_out_dir_keeps_the_deal_it_was_started_with(grouped, signers, capsys):
+    assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(grouped), *FAST]) == 2
+    assert "holds folds dealt otherwise" in capsys.readouterr().err

@@ -485,16 +485,17 @@ def test_several_folders_train_as_one_dataset_with_figures_per_folder(two_folder
                                             / sum(sizes))
 
 
-def test_max_per_class_caps_each_folder_s_training_images_only(two_folders, tmp_path):
+def test_max_per_class_caps_each_folder_s_training_and_validation_images(two_folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(pt_train.data_loader, "VAL_PER_CLASS", 2)
     out = tmp_path / "run"
     assert pt_train.main(["--xtrain_path", *map(str, two_folders), "--save_dir", str(out), "--total_epochs", "1",
-                          "--max_per_class", "4", *FAST]) == 0
+                          "--max_per_class", "4", "--val_split", "0.5", *FAST]) == 0
     split = json.loads((out / "split.json").read_text())["folders"]
-    # 12 and 10 images per class, about a tenth held out: at most 4 of the rest trained on per class and folder
+    # 12 and 10 images per class, half held out: at most 4 of the rest trained on and 2 held out per class
     assert [f["num_train"] for f in split] == [3 * 4, 2 * 4]
-    assert [len(f["val"]) for f in split] == [3, 2]  # the held-out side is not capped
+    assert [len(f["val"]) for f in split] == [3 * 2, 2 * 2]
     rules = [f["rule"] for f in json.loads((out / "config.json").read_text())["folders"]]
-    assert [(r["per_class"], r["val_per_class"]) for r in rules] == [(4, None), (4, None)]
+    assert [(r["per_class"], r["val_per_class"]) for r in rules] == [(4, 2), (4, 2)]
 
 
 def test_fine_tuning_starts_from_the_model_and_replays_its_data(two_folders, base_run, tmp_path):
