@@ -29,6 +29,14 @@ timed), else the generated ones (no hand in them).
 the function its route calls (live.read_frame: decode, find the hand, read the letter, spell), back to back as a
 page sends its next frame once the last is answered: frames read a second, and the latency from a frame's
 arrival to its answer (p50, p95). Pass the model the app serves (--model): its hand finding is most of the time.
+
+`--clients N [N ...]` measures many at once instead, one run of --seconds (30) per N, on loopback. With --live:
+`streamlit run app.py` serves the model, N pages of a headless Chromium (Debian's, driven by playwright) open Live
+mode, each a browser session of its own, and this process posts each page's camera frames to its session at the
+page's 15 frames/s, without waiting for the last answer (at most LIVE_IN_FLIGHT in flight): a frame that comes
+while its session is still reading is answered `busy` and dropped. With --serve: N clients post one photo each
+(as above), each as soon as its last is answered. Reported in all and per client: requests sent and answered a
+second, busy drops, failures, and the latency of the answered ones (p50 of the median client, p95 of the worst).
 """
 from __future__ import annotations
 
@@ -51,7 +59,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from queue import Empty
 from pathlib import Path
 
@@ -71,6 +81,7 @@ import predict
 import pt_engine
 import run_artifacts
 import terminal
+from errors import UsageError
 from pt_train import find_free_port
 
 Run = Callable[[], int]  # one timed repetition; returns how many images it handled
@@ -79,6 +90,7 @@ BASELINE, OURS = "baseline", "ours"
 LATENCY_PAUSE_S = 0.1
 PROBE_TIMEOUT_S = 1800  # one variant's run in a fresh process; far more than any takes
 SERVE_STARTUP_S = 300  # `mlflow models serve` up and answering /ping; it takes seconds to tens of seconds
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,15 +114,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--live", action="store_true", help="only the Live-mode figures: camera frames through its "
                                                        "route's function (see above)")
     p.add_argument("--live_frames", type=int, default=300, help="timed frames of --live")
+    p.add_argument("--clients", type=int, nargs="+", metavar="N", help="with --live or --serve: N Live pages or "
+                                                                       "serving clients at once instead, one run "
+                                                                       "per N given (see above)")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long each --clients run lasts")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark itself works")
     terminal.add_verbose_arg(p)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU and none is visible; use --device cpu")
+    if args.clients and not (args.live or args.serve):
+        p.error("--clients measures Live pages (--live) or serving clients (--serve); pass one of them")
+    if (args.clients and min(args.clients) < 1) or not args.seconds > 0:
+        p.error("--clients takes numbers of 1 or more, --seconds a time above 0")
     if args.quick:
         args.images, args.img_size, args.batch_size, args.train_batch_size = 48, 64, 8, 4
         args.reps, args.latency_reps, args.arch, args.live_frames = 2, 4, "efficientnet_lite0", 10
+        args.seconds = 3.0
     return args
 
 
@@ -398,28 +419,22 @@ def pick(samples: list, n: int) -> list:
 # ---------------------------------------------------------------------------------------------- serving
 
 @contextlib.contextmanager
-def served(model_uri: str, folder: Path, environ: Mapping[str, str],
-           startup_s: float = SERVE_STARTUP_S) -> Iterator[str]:
-    """`mlflow models serve` of `model_uri` in this environment (`--env-manager local`), on a free loopback port,
-    run in `folder` with `environ` (its log in `folder/serve.log`); yields its URL once /ping answers, and stops
-    it with its workers (its own process group) on exit."""
-    port = find_free_port()
-    # MLflow starts uvicorn by name: the one beside this interpreter, even where its folder is not on PATH
-    env = {**environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])}
-    log_path = folder / "serve.log"
+def _server(name: str, command: list[str], port: int, cwd: Path, environ: Mapping[str, str], log_path: Path,
+            health: str, startup_s: float) -> Iterator[subprocess.Popen]:
+    """`command` (the server `name` on loopback `port`) run in `cwd` with `environ`, its output in `log_path`;
+    yields its process once `health` (a path) answers, and stops it with its workers (its own process group) on
+    exit."""
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                                    "local", "-h", "127.0.0.1", "-p", str(port)], cwd=folder, env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command, cwd=cwd, env=environ, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + startup_s
-        while not _answers(f"{url}/ping"):
+        while not _answers(f"http://127.0.0.1:{port}{health}"):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow models serve {'exited' if process.poll() is not None else 'did not answer'}"
-                                   f" within {startup_s:.0f} s; its log:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{name} {'exited' if process.poll() is not None else 'did not answer'} within "
+                                   f"{startup_s:.0f} s; its log:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -428,6 +443,37 @@ def served(model_uri: str, folder: Path, environ: Mapping[str, str],
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def served(model_uri: str, folder: Path, environ: Mapping[str, str],
+           startup_s: float = SERVE_STARTUP_S) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` in this environment (`--env-manager local`), on a free loopback port,
+    run in `folder` with `environ` (its log in `folder/serve.log`); yields its URL once /ping answers, and stops
+    it with its workers on exit."""
+    port = find_free_port()
+    # MLflow starts uvicorn by name: the one beside this interpreter, even where its folder is not on PATH
+    env = {**environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h",
+               "127.0.0.1", "-p", str(port)]
+    with _server("mlflow models serve", command, port, folder, env, folder / "serve.log", "/ping", startup_s):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def app_served(model_dir: str | os.PathLike, folder: Path, environ: Mapping[str, str],
+               startup_s: float = SERVE_STARTUP_S) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`streamlit run app.py` (this repository's) serving `model_dir` on a free loopback port, run with `environ`;
+    Teach mode saves into `folder/my_hand` and the model picker lists `folder/runs`, its log is
+    `folder/streamlit-PORT.log`. Yields its URL and process once it is healthy; stopped on exit."""
+    port = find_free_port()
+    env = {**environ, "ASL_MODEL_DIR": str(model_dir), "ASL_COLLECT_DIR": str(folder / "my_hand"),
+           "ASL_RUNS_DIR": str(folder / "runs")}
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+               str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    with _server("streamlit run app.py", command, port, HERE, env, folder / f"streamlit-{port}.log",
+                 "/_stcore/health", startup_s) as process:
+        yield f"http://127.0.0.1:{port}", process
 
 
 def _answers(url: str) -> bool:
@@ -456,25 +502,39 @@ def invoke(url: str, body: bytes, timeout: float = 120) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def serve_photos(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[bytes]]:
+    """The folder of --serve's photos (--data, else generated ones) and `--latency_reps` of its files' bytes."""
+    root = Path(args.data) if args.data else generate_images(tmp / "images", args.latency_reps)
+    return root, [Path(path).read_bytes() for path, _ in pick(data_loader.scan_image_folder(root).samples,
+                                                              args.latency_reps)]
+
+
+def logged_model(source: str, tmp: Path) -> tuple[str, str]:
+    """`source` (a training folder or checkpoint) logged as the MLflow model to a store in `tmp`: its URI and the
+    store's."""
+    import mlflow
+
+    import log_experiment
+
+    store = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    # its artifacts in the temporary folder too: MLflow's default is ./mlruns in the working folder
+    experiment = mlflow.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
+    progress(f"logging {source} as an MLflow model")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_experiment.log_model(source)
+    return f"runs:/{run.info.run_id}/model", store
+
+
 def measure_serve(args: argparse.Namespace, tmp: Path) -> dict:
     """One photo answered by `mlflow models serve` of --serve, and by the same model in this process."""
     import mlflow
     import pandas as pd
 
-    import log_experiment
     import mlflow_model
 
-    root = Path(args.data) if args.data else generate_images(tmp / "images", args.latency_reps)
-    photos = [Path(path).read_bytes() for path, _ in pick(data_loader.scan_image_folder(root).samples,
-                                                          args.latency_reps)]
-    store = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(store)
-    # its artifacts in the temporary folder too: MLflow's default is ./mlruns in the working folder
-    experiment = mlflow.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
-    progress(f"logging {args.serve} as an MLflow model")
-    with mlflow.start_run(experiment_id=experiment) as run:
-        log_experiment.log_model(args.serve)
-    uri = f"runs:/{run.info.run_id}/model"
+    root, photos = serve_photos(args, tmp)
+    uri, store = logged_model(args.serve, tmp)
     in_process = mlflow.pyfunc.load_model(uri)
     progress(f"serving {uri} (mlflow models serve), then {len(photos)} photos from {root}")
     start = time.perf_counter()
@@ -648,20 +708,27 @@ def camera_frames(samples: list, n: int, quality: float) -> list[bytes]:
     return frames
 
 
-def measure_live(args: argparse.Namespace, tmp: Path) -> dict:
-    """Live mode's path: camera frames through `live.read_frame` (what its route runs for each frame), one after another; see the module docstring."""
-    import live  # here, not at the top: only --live needs Streamlit
-
+def live_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, data_loader.ImageList, Path]:
+    """--live's images (--data, else generated ones) and its model: a copy of --model, else random weights of
+    --arch with BatchNorm statistics of the images, as a checkpoint in `tmp`."""
     root = Path(args.data) if args.data else generate_images(tmp / "images", 64)
     images = data_loader.scan_image_folder(root)
-    cfg = models.preprocessing(args.arch, "none", args.img_size)
     checkpoint = tmp / "model.pt"
     if args.model:  # a copy: the ONNX model is exported beside the checkpoint
         shutil.copy(predict.checkpoint_path(args.model), checkpoint)
     else:
+        cfg = models.preprocessing(args.arch, "none", args.img_size)
         transform = data_loader.eval_transform(cfg)
         batch = torch.stack([transform(image_io.load_rgb(p)) for p, _ in pick(images.samples, 16)])
         save_checkpoint(checkpoint, args.arch, images.classes, cfg, batch)
+    return root, images, checkpoint
+
+
+def measure_live(args: argparse.Namespace, tmp: Path) -> dict:
+    """Live mode's path: camera frames through `live.read_frame` (what its route runs for each frame), one after another; see the module docstring."""
+    import live  # here, not at the top: only --live needs Streamlit
+
+    root, images, checkpoint = live_model(args, tmp)
     predictor = predict.load_predictor(checkpoint, backend="onnx")  # as the app serves on the CPU
     frames = camera_frames(images.samples, min(30, len(images.samples)), live.JPEG_QUALITY)
     session = live.LiveSession(predictor, live.Settings())
@@ -697,6 +764,242 @@ def live_table(results: dict) -> str:
         f"p95 {figures['latency_p95_ms']:.1f} ms"])
 
 
+# ---------------------------------------------------------------------------------------------- many at once
+
+# Debian's chromium (playwright drives it directly: no browser download) and the flags this machine needs: no
+# sandbox as root, and no background traffic to hosts the network refuses
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PAGE_TIMEOUT_MS = 120_000  # a page's first run loads the model: on a busy two-core machine, tens of seconds
+# A simulated Live page sends its camera's frame every 1/fps s without waiting for the last answer, so at most
+# this many of its frames are in flight: what its session is still reading answers the others `busy`
+LIVE_IN_FLIGHT = 3
+REQUEST_TIMEOUT_S = 60.0  # one answer under load; far more than any takes
+MAX_REQUESTS_PER_S = 100  # a serving client's bound on requests, so that a run ends by count as well as by time
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request of a load run: which of its client's bodies it carried (`index`), when it went out (seconds from
+    the run's start), how long its answer took, the HTTP status (0: none came, the connection failed or timed out)
+    and the JSON answer (None where it was not JSON)."""
+    index: int
+    sent: float
+    latency: float
+    status: int
+    answer: dict | None
+
+
+@contextlib.contextmanager
+def live_pages(url: str, n: int, hold_frames: int | None = None) -> Iterator[list[str]]:
+    """`n` browser sessions of the app at `url` in Live mode: pages of a headless Chromium without a camera (so
+    they send no frames of their own), holding a letter for `hold_frames` frames where given (the sidebar's
+    setting) and else the default. Yields their session tokens, each read from the request its page's Clear
+    button makes, and keeps the pages open until the block ends."""
+    if not CHROMIUM.exists():
+        raise UsageError(f"Live pages at once need Debian's chromium at {CHROMIUM} (apt-get install chromium).")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        raise UsageError("Live pages at once need playwright: pip install -r requirements-dev.txt") from None
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            pages = [browser.new_page() for _ in range(n)]
+            for page in pages:  # all load at once; each is then set up in turn
+                page.goto(url, wait_until="commit")
+            yield [_live_token(page, hold_frames, expect) for page in pages]
+        finally:
+            browser.close()
+
+
+def _live_token(page, hold_frames: int | None, expect) -> str:
+    """Switch a page of the app to Live mode (and a hold of `hold_frames` frames) as a user does; its token."""
+    page.get_by_role("radio", name="Live").click(timeout=PAGE_TIMEOUT_MS)
+    caption = "Hold each letter for"
+    if hold_frames is not None:
+        page.get_by_role("radio", name="frames", exact=True).click(timeout=PAGE_TIMEOUT_MS)
+        page.get_by_role("slider", name="Frames").focus(timeout=PAGE_TIMEOUT_MS)
+        page.keyboard.press("Home")
+        for _ in range(hold_frames - 1):
+            page.keyboard.press("ArrowRight")
+        caption = f"Hold each letter for {hold_frames} frame{'' if hold_frames == 1 else 's'} to type it"
+    # written after the script run has opened the session with these settings
+    expect(page.get_by_text(caption)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    with page.expect_request(lambda request: request.url.endswith("/clear"), timeout=PAGE_TIMEOUT_MS) as clear:
+        page.get_by_role("button", name="Clear").click(timeout=PAGE_TIMEOUT_MS)
+    return clear.value.url.split("/")[-2]
+
+
+def _post(client, url: str, body: bytes, index: int, start: float, content_type: str) -> Sent:
+    import httpx
+
+    sent = time.monotonic()
+    try:
+        response = client.post(url, content=body, headers={"Content-Type": content_type})
+    except httpx.HTTPError:
+        return Sent(index, sent - start, time.monotonic() - sent, 0, None)
+    latency = time.monotonic() - sent
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    return Sent(index, sent - start, latency, response.status_code, answer)
+
+
+def _live_page(url: str, token: str, frames: Sequence[bytes], start: float, fps: float, ticks: int) -> list[Sent]:
+    """One simulated page: its camera's frame `i % len(frames)` sent at `start + i / fps` for `ticks` ticks, at
+    most LIVE_IN_FLIGHT in flight (see there); its answers in the order they came."""
+    import httpx
+
+    frame_url = f"{url}/api/live/{token}/frame"
+    limits = httpx.Limits(max_connections=LIVE_IN_FLIGHT)
+    with (httpx.Client(timeout=REQUEST_TIMEOUT_S, limits=limits) as client,
+          ThreadPoolExecutor(LIVE_IN_FLIGHT) as pool):
+        futures = []
+        for i in range(ticks):
+            time.sleep(max(0.0, start + i / fps - time.monotonic()))
+            futures.append(pool.submit(_post, client, frame_url, frames[i % len(frames)], i % len(frames), start,
+                                       "image/jpeg"))
+        return sorted((future.result() for future in futures), key=lambda s: s.sent + s.latency)
+
+
+def live_load(url: str, pages: Sequence[tuple[str, Sequence[bytes]]], fps: float, seconds: float) -> list[list[Sent]]:
+    """Live pages at once against the app at `url`: each (token, its camera's frames) sends `fps` frames a second
+    for `seconds` (see `_live_page`), all starting together; each page's answers in the order they came."""
+    start = time.monotonic() + 0.5  # every page's thread started before the first tick
+    ticks = round(seconds * fps)
+    with ThreadPoolExecutor(len(pages)) as pool:
+        futures = [pool.submit(_live_page, url, token, frames, start, fps, ticks) for token, frames in pages]
+        return [future.result() for future in futures]
+
+
+def _serve_client(url: str, bodies: Sequence[bytes], first: int, start: float, seconds: float) -> list[Sent]:
+    """One serving client: `bodies` in turn from `first`, each sent once the last is answered, until `seconds`
+    after `start`."""
+    import httpx
+
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+        time.sleep(max(0.0, start - time.monotonic()))
+        answers = []
+        for i in range(round(seconds * MAX_REQUESTS_PER_S)):
+            if time.monotonic() >= start + seconds:
+                break
+            index = (first + i) % len(bodies)
+            answers.append(_post(client, f"{url}/invocations", bodies[index], index, start, "application/json"))
+        return answers
+
+
+def serve_load(url: str, clients: Sequence[Sequence[bytes]], seconds: float) -> list[list[Sent]]:
+    """Clients at once against `mlflow models serve` at `url`: client k posts its bodies (JSON) in turn from its
+    k-th, each once the last is answered, for `seconds`; each client's answers in order."""
+    start = time.monotonic() + 0.5
+    with ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(_serve_client, url, bodies, k, start, seconds) for k, bodies in enumerate(clients)]
+        return [future.result() for future in futures]
+
+
+def load_figures(logs: list[list[Sent]]) -> dict:
+    """What a load run served, in all and per client: requests sent and answered (HTTP 200) a second, `busy`
+    answers (429), failures (any other answer, or none), and the latency of the answered requests (p50, p95)."""
+    elapsed = max(s.sent + s.latency for log in logs for s in log)
+    per_client = []
+    for log in logs:
+        answered = [s.latency for s in log if s.status == 200]
+        per_client.append({
+            "sent": len(log), "answered": len(answered), "answered_per_s": len(answered) / elapsed,
+            "busy": sum(s.status == 429 for s in log), "failed": sum(s.status not in (200, 429) for s in log),
+            "p50_ms": float(np.percentile(answered, 50)) * 1e3 if answered else None,
+            "p95_ms": float(np.percentile(answered, 95)) * 1e3 if answered else None})
+    total = {key: sum(c[key] for c in per_client) for key in ("sent", "answered", "busy", "failed")}
+    latencies = [c["p50_ms"] for c in per_client if c["p50_ms"] is not None]
+    return {"clients": len(logs), "seconds": elapsed, **total, "sent_per_s": total["sent"] / elapsed,
+            "answered_per_s": total["answered"] / elapsed, "busy_share": total["busy"] / max(1, total["sent"]),
+            "least_answered_per_s": min(c["answered_per_s"] for c in per_client),
+            "median_p50_ms": statistics.median(latencies) if latencies else None,
+            "worst_p95_ms": max((c["p95_ms"] for c in per_client if c["p95_ms"] is not None), default=None),
+            "per_client": per_client}
+
+
+def _rotated(items: Sequence, by: int) -> list:
+    by %= len(items)
+    return [*items[by:], *items[:by]]
+
+
+def measure_live_clients(args: argparse.Namespace, tmp: Path) -> dict:
+    """Live pages at once (--clients) against `streamlit run app.py` serving --live's model: each page a browser
+    session of its own, its frames posted by this process at the page's rate (live.PAGE_FPS) for --seconds."""
+    import live
+
+    root, images, checkpoint = live_model(args, tmp)
+    frames = camera_frames(images.samples, min(30, len(images.samples)), live.JPEG_QUALITY)
+    runs = {}
+    with app_served(checkpoint, tmp, os.environ) as (url, _), live_pages(url, max(args.clients)) as tokens:
+        pages = [(token, _rotated(frames, 7 * k)) for k, token in enumerate(tokens)]
+        progress(f"live: {len(tokens)} pages open; a warm-up, then {', '.join(map(str, args.clients))} at once")
+        live_load(url, pages, live.PAGE_FPS, min(3.0, args.seconds))  # ONNX Runtime's and MediaPipe's first runs
+        for n in args.clients:
+            progress(f"live: {n} page{'s' * (n != 1)} at {live.PAGE_FPS} frames/s for {args.seconds:g} s")
+            runs[str(n)] = load_figures(live_load(url, pages[:n], live.PAGE_FPS, args.seconds))
+    return {"settings": {"model": args.model or f"random {args.arch}", "data": str(root), "fps": live.PAGE_FPS,
+                         "in_flight": LIVE_IN_FLIGHT, "seconds": args.seconds,
+                         "frame_size": "x".join(map(str, LIVE_FRAME_SIZE)),
+                         "frame_kb": statistics.mean(map(len, frames)) / 1024, "cpu_count": os.cpu_count(),
+                         "load_average": os.getloadavg()},
+            "live_clients": runs}
+
+
+def measure_serve_clients(args: argparse.Namespace, tmp: Path) -> dict:
+    """Serving clients at once (--clients) against `mlflow models serve` of --serve: each posts a photo as soon as
+    the last is answered, for --seconds."""
+    root, photos = serve_photos(args, tmp)
+    uri, store = logged_model(args.serve, tmp)
+    bodies = [request_body([photo]) for photo in photos]
+    runs = {}
+    with served(uri, tmp, {**os.environ, "MLFLOW_TRACKING_URI": store}) as url:
+        progress(f"serving {uri}: a warm-up, then {', '.join(map(str, args.clients))} clients at once")
+        serve_load(url, [bodies], min(3.0, args.seconds))
+        for n in args.clients:
+            progress(f"serving: {n} client{'s' * (n != 1)} for {args.seconds:g} s")
+            runs[str(n)] = load_figures(serve_load(url, [bodies] * n, args.seconds))
+    return {"settings": {"serve": str(args.serve), "data": str(root), "photos": len(photos),
+                         "seconds": args.seconds, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+            "serve_clients": runs}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def clients_table(results: dict) -> str:
+    settings = results["settings"]
+    if "live_clients" in results:
+        runs = results["live_clients"]
+        lines = [f"Live pages at once against streamlit run app.py ({settings['model']}): each sends "
+                 f"{settings['fps']} frames/s of {settings['frame_size']} for {settings['seconds']:g} s, at most "
+                 f"{settings['in_flight']} in flight",
+                 f"{'pages':>5s} {'sent/s':>7s} {'read/s':>7s} {'least/page':>10s} {'busy':>6s} {'p50 ms':>7s} "
+                 f"{'p95 ms':>7s} {'failed':>6s}"]
+    else:
+        runs = results["serve_clients"]
+        lines = [f"mlflow models serve of {settings['serve']}, clients at once for {settings['seconds']:g} s, each "
+                 "posting a photo once the last is answered",
+                 f"{'clients':>7s} {'answers/s':>9s} {'least/client':>12s} {'p50 ms':>7s} {'p95 ms':>7s} "
+                 f"{'failed':>6s}"]
+    for n, f in runs.items():
+        if "live_clients" in results:
+            lines.append(f"{n:>5s} {f['sent_per_s']:7.1f} {f['answered_per_s']:7.1f} {f['least_answered_per_s']:10.1f}"
+                         f" {f['busy_share']:6.0%} {_ms(f['median_p50_ms']):>7s} {_ms(f['worst_p95_ms']):>7s} "
+                         f"{f['failed']:6d}")
+        else:
+            lines.append(f"{n:>7s} {f['answered_per_s']:9.1f} {f['least_answered_per_s']:12.1f} "
+                         f"{_ms(f['median_p50_ms']):>7s} {_ms(f['worst_p95_ms']):>7s} {f['failed']:6d}")
+    lines.append("p50: the median client's; p95: the worst client's; read/answers: HTTP 200, busy: 429")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = [f"{'figure':36s} {'unit':34s} {'baseline':>10s} {'ours':>10s} {'ours/base':>10s}"]
     for name, f in results["figures"].items():
@@ -720,9 +1023,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # as pt_train.py trains on a GPU; no effect on the CPU
-    with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
-        results = (measure_serve if args.serve else measure_live if args.live else measure)(args, Path(tmp))
-    print((serve_table if args.serve else live_table if args.live else table)(results))
+    if args.clients:
+        run, report = (measure_serve_clients if args.serve else measure_live_clients), clients_table
+    else:
+        run = measure_serve if args.serve else measure_live if args.live else measure
+        report = serve_table if args.serve else live_table if args.live else table
+    try:
+        with tempfile.TemporaryDirectory(prefix="asl-bench-") as tmp:
+            results = run(args, Path(tmp))
+    except UsageError as err:
+        print(f"bench.py: {err}", file=sys.stderr)
+        return 2
+    print(report(results))
     print(json.dumps(results, indent=2))
     if args.json:
         run_artifacts.save_json(results, args.json)

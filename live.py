@@ -14,13 +14,15 @@ random token that the page's script run makes and hands to the page (`Sessions.o
 tokens it knows, so no page reads or types into another's text. A session reads one frame at a time: a frame
 that arrives while the last is still being read is answered at once with `busy` and dropped, never queued (the
 page sends its next frame only after the answer, so it drops the camera's frames in between). Frames are checked
-as uploads are (`image_io.decode_photo`'s limits, here a smaller size limit first) and nothing is written to disk.
+as uploads are (`image_io.decode_photo`'s limits, here a smaller size limit first, and a frame must arrive within
+FRAME_BODY_S) and nothing is written to disk.
 
 The route's module and the page's script share this module: `streamlit run` imports app.py for the route, and
 runs it again as the page's script, but both import this one module, so `SESSIONS` is one registry.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -32,7 +34,7 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -47,6 +49,10 @@ ROUTE = "/api/live/{token}/{action}"
 # A camera frame is a JPEG of at most MAX_SIDE px: tens of KB. Anything far larger is refused before it is read.
 MAX_FRAME_BYTES = 2 * 2**20
 MAX_SIDE = 640  # the page shrinks frames to this longest side before sending them
+# A frame's body must have arrived this long after its request began: a page's frame takes milliseconds on loopback
+# and well under a second on a slow link, and while it arrives its session is busy, so a frame that trickles in
+# (a stalled connection, or a client sending one byte at a time) would otherwise hold its page's session for good
+FRAME_BODY_S = 5.0
 PAGE_FPS = 15  # at most this many frames a second from one page: a webcam's usual rate
 JPEG_QUALITY = 0.85
 IDLE_S = 30 * 60  # a session neither sending frames nor rerun for this long is forgotten
@@ -206,11 +212,16 @@ def routes(sessions: Sessions = SESSIONS) -> list[Route]:
         if not session.reading.acquire(blocking=False):
             return JSONResponse({"status": "busy"}, status_code=429)
         try:
-            data = await _body(request, MAX_FRAME_BYTES)
+            async with asyncio.timeout(FRAME_BODY_S):
+                data = await _body(request, MAX_FRAME_BYTES)
             if data is None:
                 return _error("error", f"The frame is larger than {MAX_FRAME_BYTES // 2**20} MB; send a JPEG of at "
                                        f"most {MAX_SIDE} px.", 413)
             return JSONResponse(await run_in_threadpool(read_frame, session, data, arrived))
+        except TimeoutError:
+            return _error("error", f"The frame took more than {FRAME_BODY_S:g} s to arrive; it was dropped.", 408)
+        except ClientDisconnect:  # the page left mid-frame (closed or reloaded): no one reads this answer
+            return _error("error", "The page left before its frame arrived.", 400)
         except image_io.ImageError as err:  # the decoder's message: not an image, damaged, too many pixels
             return _error("error", str(err), 400)
         except Exception as err:  # the page shows a message, the server log the traceback

@@ -1,7 +1,8 @@
 """app.py end to end: `streamlit run` on a loopback port, a real headless Chromium uploads an image and reads
 the prediction, teaches the app photos of two letters and deletes one, or fingerspells a word to Live mode
-through a fake camera that plays a video made of another person's photos. The screenshots land in
-test-artifacts/ (app.png, app_teach.png, app_live.png, ...).
+through a fake camera that plays a video made of another person's photos; and under load, eight Live pages at
+once, each fingerspelling its own word, with bad requests mixed in. The screenshots land in test-artifacts/
+(app.png, app_teach.png, app_live.png, ...).
 
 Needs Debian's chromium (/usr/bin/chromium; `.ci/run` installs it) and the Python playwright package, which
 drives it directly: no `playwright install`, no browser download.
@@ -9,80 +10,46 @@ drives it directly: no `playwright install`, no browser download.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
-import socket
-import subprocess
-import sys
+import select
 import time
-import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
+import psutil
 import pytest
 from PIL import Image
 
+import bench
+import live
 import predict
-from conftest import ROOT, spelling_frames, write_y4m
+import spelling
+import spelling_clips
+from conftest import ROOT, SHARED_ASL, requires_shared, spelling_frames, truncated_jpeg, write_y4m
 
-CHROMIUM = Path("/usr/bin/chromium")
-# the flags this machine needs: no sandbox as root, and no background traffic to hosts the network refuses
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACT = ROOT / "test-artifacts" / "app.png"
-TIMEOUT_MS = 120_000  # a model load on a busy two-core CI machine
+TIMEOUT_MS = bench.PAGE_TIMEOUT_MS
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run does)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not bench.CHROMIUM.exists(),
+                                                   reason="Debian's chromium is not installed (.ci/run does)")]
 
 
-def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"streamlit did not answer at {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+def app_environ() -> dict[str, str]:
+    # one thread for torch and ONNX Runtime: the server shares two cores with the browser and the test
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture
 def serve(tmp_path):
     """Starts `streamlit run app.py` against a model on a free loopback port; returns its URL. Stopped after the
     test. Teach mode saves into tmp_path/my_hand, and the model picker lists tmp_path/runs."""
-    servers = []
-
-    def start(model_dir: Path) -> str:
-        port = free_port()
-        log = tmp_path / f"streamlit-{port}.log"
-        env = dict(os.environ, ASL_MODEL_DIR=str(model_dir), ASL_COLLECT_DIR=str(tmp_path / "my_hand"),
-                   ASL_RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
-        with log.open("w") as out:
-            servers.append(subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-                 str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, servers[-1], log)
-        return url
-
-    yield start
-    for server in servers:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with contextlib.ExitStack() as servers:
+        yield lambda model_dir: servers.enter_context(bench.app_served(model_dir, tmp_path, app_environ()))[0]
 
 
 @contextlib.contextmanager
@@ -93,11 +60,11 @@ def browser_page(artifact: Path, height: int = 800, camera: Path | None = None):
     from playwright.sync_api import sync_playwright
 
     artifact.parent.mkdir(exist_ok=True)
-    flags = CHROMIUM_FLAGS + ([] if camera is None else [
+    flags = bench.CHROMIUM_FLAGS + ([] if camera is None else [
         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-video-capture={camera}"])
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
+        browser = playwright.chromium.launch(executable_path=str(bench.CHROMIUM), headless=True, args=flags)
         page = browser.new_page(viewport={"width": 1280, "height": height})
         try:
             yield page
@@ -132,8 +99,6 @@ def test_uploading_an_image_in_a_real_browser_shows_the_prediction(serve, traine
 
 def test_the_hand_aware_app_in_a_real_browser_draws_the_hand_or_says_there_is_none(serve, hand_run, tmp_path):
     from playwright.sync_api import expect
-
-    from conftest import SHARED_ASL
 
     image = SHARED_ASL / "train" / "B" / "B1300.jpg"
     label, _ = predict.load_predictor(hand_run).top_k(Image.open(image).convert("RGB"), 1)[0]
@@ -222,3 +187,167 @@ def test_live_mode_in_a_real_browser_spells_the_word_the_camera_shows(serve, han
         # the clip again: its first letter typed anew, shown with the hand found (the screenshot shows it)
         expect(text).to_have_text(word[0], timeout=TIMEOUT_MS)
         expect(page.get_by_text(f"{word[0]}, probability", exact=False)).to_be_visible()
+
+
+# ---------------------------------------------------------------------------------------------- under load
+
+LOAD_PAGES, LOAD_S = 8, 30
+LOAD_WORDS = spelling_clips.WORDS[:LOAD_PAGES]  # each page fingerspells another word
+HUGE_MB = 30
+SLOW_S = 10  # the frame sent byte by byte would take this long; the route gives up on it after live.FRAME_BODY_S
+# The server's memory at the end may exceed its memory after the warm-up by at most this: the frames sent in the
+# run are about 30 MB as JPEG and ten times that decoded, and the two 30 MB bodies more, so keeping any share of
+# them would show
+MEMORY_BOUND_MB = 100
+
+
+def word_clips(folder: Path) -> list[list[bytes]]:
+    """Each of LOAD_WORDS as a camera sees it fingerspelled by the external person (spelling_clips.py: each letter
+    the next 15 photos of it, frames without a hand around the word and between repeated letters): its frames'
+    file bytes in order."""
+    photos = spelling_clips.letter_photos(SHARED_ASL / "external", set("".join(LOAD_WORDS)))
+    used: dict[str, int] = {}
+    clips = []
+    for word in LOAD_WORDS:
+        spelling_clips.write_clip(word, photos, used, folder / word, hold=15, gap=8)
+        frames = sorted((folder / word).iterdir(), key=lambda p: int(p.stem.removeprefix("frame_")))
+        clips.append([frame.read_bytes() for frame in frames])
+    return clips
+
+
+def rss_mb(process: psutil.Process) -> float:
+    """The resident memory of `process` and its children (the server and any workers it started), in MB."""
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+
+
+def raw_post(url: str, path: str, parts: Iterable[bytes], headers: dict[str, str],
+             close_early: bool = False) -> tuple[int, int]:
+    """POST `path` at `url`, its body sent in `parts` until the server answers (or, with `close_early`, the
+    connection closed after the parts, the body unfinished): the HTTP status (0: none) and the bytes sent."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        sent = 0
+        for part in parts:
+            if select.select([connection.sock], [], [], 0)[0]:  # answered before the body ended
+                break
+            connection.sock.sendall(part)
+            sent += len(part)
+        if close_early:
+            return 0, sent
+        response = connection.getresponse()
+        response.read()
+        return response.status, sent
+    finally:
+        connection.close()
+
+
+def chunked(data: bytes, size: int) -> Iterator[bytes]:
+    """`data` in HTTP/1.1 chunks of `size` bytes, no length declared."""
+    for start in range(0, len(data), size):
+        yield b"%x\r\n%s\r\n" % (min(size, len(data) - start), data[start:start + size])
+    yield b"0\r\n\r\n"
+
+
+def byte_by_byte(data: bytes, seconds: float) -> Iterator[bytes]:
+    """`data` a byte at a time, evenly over `seconds`."""
+    start = time.monotonic()
+    for i in range(len(data)):
+        time.sleep(max(0.0, start + i * seconds / len(data) - time.monotonic()))
+        yield data[i:i + 1]
+
+
+def misbehave(url: str, token: str, photo: bytes, server: psutil.Process, start: float) -> dict:
+    """A ninth page's bad requests, one after another from `start` + 4 s (the pages warmed up): a truncated JPEG,
+    30 MB declared and 30 MB chunked, a token never made, a frame abandoned half sent, a frame sent byte by byte
+    over SLOW_S, then a good frame. What each got, and the server's memory (MB) after the warm-up."""
+    frame = f"/api/live/{token}/frame"
+    jpeg = {"Content-Type": "image/jpeg"}
+    huge = b"\0" * (HUGE_MB * 2**20)
+    time.sleep(max(0.0, start + 4 - time.monotonic()))
+    got = {"warm_mb": rss_mb(server)}
+    got["truncated"] = httpx.post(url + frame, content=truncated_jpeg(), headers=jpeg)
+    got["declared"] = raw_post(url, frame, (huge[i:i + 2**18] for i in range(0, len(huge), 2**18)),
+                               {**jpeg, "Content-Length": str(len(huge))})
+    got["chunked"] = raw_post(url, frame, chunked(huge, 2**18), {**jpeg, "Transfer-Encoding": "chunked"})
+    got["unknown"] = httpx.post(f"{url}/api/live/{live.new_token()}/frame", content=photo, headers=jpeg)
+    raw_post(url, frame, [photo[:len(photo) // 2]], {**jpeg, "Content-Length": str(len(photo))}, close_early=True)
+    got["slow_from"] = time.monotonic() - start
+    got["slow"] = raw_post(url, frame, byte_by_byte(photo, SLOW_S), {**jpeg, "Content-Length": str(len(photo))})
+    got["slow_until"] = time.monotonic() - start
+    got["after"] = httpx.post(url + frame, content=photo, headers=jpeg)
+    return got
+
+
+def replayed(answered: list[dict]) -> list[tuple]:
+    """What a fresh speller with the pages' settings (a hold of 1 frame) makes of these answers' signs, in order:
+    (letter, typed, text) after each."""
+    speller = spelling.Speller(1, seconds=False)
+    steps = [speller.feed(None if answer["no_hand"] else answer["label"]) for answer in answered]
+    return [(step.letter, step.typed, step.text) for step in steps]
+
+
+def read_alone(predictor: predict.Predictor, frames: list[bytes], indices: set[int]) -> dict[int, tuple]:
+    """What the app's route reads in each of these frames sent alone, to a session of its own: (label,
+    probability, no hand)."""
+    readings = {}
+    for i in indices:
+        answer = live.read_frame(live.LiveSession(predictor, live.Settings()), frames[i], time.monotonic())
+        readings[i] = (answer["label"], answer["probability"], answer["no_hand"])
+    return readings
+
+
+@requires_shared
+def test_eight_live_pages_at_once_keep_their_own_text_and_bad_requests_stay_alone(hand_run, tmp_path):
+    clips = word_clips(tmp_path / "clips")
+    predictor = predict.load_predictor(hand_run, backend="onnx")  # as the app serves it on the CPU
+    with (bench.app_served(hand_run, tmp_path, app_environ()) as (url, process),
+          bench.live_pages(url, LOAD_PAGES + 1, hold_frames=1) as tokens,
+          ThreadPoolExecutor(1) as odd):
+        # a hold of 1 frame, not seconds: a hold of seconds types by the server's clock, which the pages never see
+        pages, odd_token = list(zip(tokens, clips)), tokens[-1]
+        server = psutil.Process(process.pid)
+        photo = (SHARED_ASL / "external" / "B" / "0.jpg").read_bytes()
+        bad = odd.submit(misbehave, url, odd_token, photo, server, time.monotonic())
+        logs = bench.live_load(url, pages, live.PAGE_FPS, LOAD_S)
+        got = bad.result()
+        end_mb = rss_mb(server)
+
+    busy = 0
+    for (token, frames), log, word in zip(pages, logs, LOAD_WORDS):
+        assert len(log) == LOAD_S * live.PAGE_FPS and {s.status for s in log} <= {200, 429}, word  # no 5xx, no 4xx
+        busy += sum(s.status == 429 for s in log)
+        assert all(s.answer == {"status": "busy"} for s in log if s.status == 429), word
+        answered = [s for s in log if s.status == 200]
+        # each answer reads the frame its page sent, as that frame alone reads: no frame crossed to another page
+        alone = read_alone(predictor, frames, {s.index for s in answered})
+        for s in answered:
+            label, probability, no_hand = alone[s.index]
+            assert (s.answer["status"], s.answer["label"], s.answer["no_hand"]) == ("ok", label, no_hand), (word, s)
+            assert s.answer["probability"] == pytest.approx(probability, abs=1e-3), (word, s)
+        # the page's text is what its own answers spell, each answer in turn: nothing crossed in, nothing lost
+        assert [(s.answer["letter"], s.answer["typed"], s.answer["text"]) for s in answered] == \
+            replayed([s.answer for s in answered]), word
+        # none starved: answers in every 5 s of the run, and while the slow frame was being sent
+        assert {int(s.sent // 5) for s in answered} == set(range(LOAD_S // 5)), word
+        assert any(got["slow_from"] < s.sent < got["slow_until"] for s in answered), word
+    assert busy > 0  # more frames came than the server could read: the surplus was dropped, not queued
+    assert any(s.answer["text"] for log in logs for s in log if s.status == 200)
+
+    assert got["truncated"].status_code == 400 and "truncated or damaged" in got["truncated"].json()["error"]
+    for name in ("declared", "chunked"):  # refused before its 30 MB were sent (and so before they were read)
+        status, sent = got[name]
+        assert status == 413 and sent < HUGE_MB * 2**20 // 2, name
+    assert got["unknown"].status_code == 404 and got["unknown"].json()["status"] == "expired"
+    # the trickling frame timed out, its session free again at once: its page's next frame is read
+    status, sent = got["slow"]
+    assert status == 408 and sent < len(photo), got["slow"]
+    assert live.FRAME_BODY_S <= got["slow_until"] - got["slow_from"] < SLOW_S
+    assert got["after"].status_code == 200 and got["after"].json()["status"] == "ok"
+    assert end_mb - got["warm_mb"] < MEMORY_BOUND_MB, (got["warm_mb"], end_mb)
+    (log,) = tmp_path.glob("streamlit-*.log")
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

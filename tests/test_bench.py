@@ -126,3 +126,61 @@ def test_device_cuda_without_a_gpu_is_explained(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--device", "cuda"])
     assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err
+
+
+def clients_results(args: list[str], cwd, tmp_path) -> dict:
+    out = tmp_path / "clients.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args, "--clients", "1", "2", "--quick",
+                             "--json", str(out)], cwd=cwd, text=True, capture_output=True, timeout=600,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "p50: the median client's; p95: the worst client's" in result.stdout
+    return json.loads(out.read_text())
+
+
+def assert_load_figures(runs: dict, busy: bool) -> None:
+    assert list(runs) == ["1", "2"]
+    for n, figures in runs.items():
+        assert figures["clients"] == len(figures["per_client"]) == int(n)
+        assert figures["failed"] == 0 and figures["answered"] > 0 and (figures["busy"] > 0) == busy, figures
+        for name in ("sent_per_s", "answered_per_s", "least_answered_per_s", "median_p50_ms", "worst_p95_ms"):
+            assert math.isfinite(figures[name]) and figures[name] > 0, name
+        assert figures["sent"] == sum(c["sent"] for c in figures["per_client"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bench.CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run does)")
+def test_quick_live_clients_bench_reports_pages_at_once(tmp_path):
+    results = clients_results(["--live"], ROOT, tmp_path)
+    # a page sends 15 frames/s without waiting: more than a random B0 is read at, so some are dropped as busy
+    assert_load_figures(results["live_clients"], busy=True)
+    assert all(f["sent"] == 45 * f["clients"] for f in results["live_clients"].values())  # 3 s at 15 frames/s
+
+
+@pytest.mark.slow
+def test_quick_serve_clients_bench_reports_clients_at_once(trained_run, synthetic_dir, tmp_path):
+    results = clients_results(["--serve", str(trained_run), "--data", str(synthetic_dir)], tmp_path, tmp_path)
+    assert_load_figures(results["serve_clients"], busy=False)  # a client waits for each answer
+
+
+def test_clients_are_pages_or_serving_clients(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--clients", "4"])
+    assert exit_info.value.code == 2 and "--live" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--live", "--clients", "0"])
+    assert bench.parse_args(["--live", "--clients", "1", "4", "8"]).clients == [1, 4, 8]
+
+
+def test_load_figures_count_answers_drops_and_failures_per_client():
+    def sent(at: float, latency: float, status: int) -> bench.Sent:
+        return bench.Sent(0, at, latency, status, None)
+
+    logs = [[sent(0, 0.1, 200), sent(0.5, 0.3, 200), sent(0.6, 0.01, 429), sent(1.0, 1.0, 200)],
+            [sent(0, 0.2, 200), sent(1.5, 0.01, 0)]]
+    figures = bench.load_figures(logs)
+    assert figures["seconds"] == 2.0 and figures["sent"] == 6 and figures["answered"] == 4
+    assert figures["busy"] == 1 and figures["failed"] == 1 and figures["busy_share"] == pytest.approx(1 / 6)
+    assert figures["answered_per_s"] == 2.0 and figures["least_answered_per_s"] == 0.5
+    assert figures["per_client"][0]["p50_ms"] == pytest.approx(300) and figures["median_p50_ms"] == pytest.approx(250)
+    assert figures["worst_p95_ms"] == pytest.approx(np.percentile([100, 300, 1000], 95) * 1e3 / 1e3)

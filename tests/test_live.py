@@ -2,7 +2,9 @@
 a tiny trained model reading another person's photos: answers, spelling, busy frames, limits and bad input."""
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import Awaitable, Callable
 
 import pytest
 from PIL import Image
@@ -181,6 +183,40 @@ def test_bad_frames_are_refused_with_the_decoder_s_message(client, sessions, mon
     response = post(client, token, jpeg(no_hand_frame((200, 200))) + b"\0" * 1000)
     assert response.status_code == 413 and "larger than" in response.json()["error"]
     assert not session.reading.locked()
+
+
+def asgi_post(sessions: live.Sessions, token: str, receive: Callable[[], Awaitable[dict]]) -> int:
+    """A frame POSTed to the route straight through ASGI, its body as `receive` gives it (what a real server does
+    with a slow or vanished client, which TestClient cannot): the status answered."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": f"/api/live/{token}/frame", "raw_path": f"/api/live/{token}/frame".encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"image/jpeg")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    statuses = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    asyncio.run(Starlette(routes=live.routes(sessions))(scope, receive, send))
+    return statuses[0]
+
+
+def test_a_frame_that_trickles_in_is_timed_out_and_its_session_freed(sessions, monkeypatch, caplog):
+    monkeypatch.setattr(live, "FRAME_BODY_S", 0.3)
+    token = live.new_token()
+    session = sessions.open(token, "never used", live.Settings())
+
+    async def a_byte_at_a_time() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    assert asgi_post(sessions, token, a_byte_at_a_time) == 408
+    assert asgi_post(sessions, token, gone) == 400  # the page closed mid-frame: not a server failure
+    assert not session.reading.locked() and "Traceback" not in caplog.text
 
 
 def test_a_failure_while_reading_is_a_message_not_a_traceback(client, sessions, caplog):

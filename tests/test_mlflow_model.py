@@ -1,5 +1,6 @@
 """mlflow_model: the logged MLflow model answers a photo as predict.py does, in Python and served for real by
-`mlflow models serve` on loopback, refuses bad photos with a clear HTTP 400, and loads offline.
+`mlflow models serve` on loopback (also to 16 clients at once), refuses bad photos with a clear HTTP 400, and loads
+offline.
 
 Every test logs into an MLflow store of its own in a temporary folder, never the project's.
 """
@@ -204,3 +205,40 @@ def test_the_served_model_refuses_bad_photos_by_name_and_keeps_serving(server, h
     assert status == 200
     assert_same_answers(answer["predictions"], expected_answers(hand_run, [HAND_PHOTO.read_bytes()]))
 
+
+
+SERVE_CLIENTS, SERVE_S = 16, 30
+
+
+@requires_shared
+@pytest.mark.slow
+def test_sixteen_clients_at_once_get_the_answer_each_photo_gets_alone(server):
+    # a photo of every letter by the external person (hand found or not), the hand photo and one without a hand
+    photos = [(SHARED_ASL / "external" / letter / "0.jpg").read_bytes() for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    photos += [HAND_PHOTO.read_bytes(), blank_jpeg()]
+    alone = []
+    for photo in photos:
+        status, answer = ask(server, photo)
+        assert status == 200, answer
+        alone.append(answer)
+    # every fifth body a bad one: what it is, and MLflow's error code for it
+    bad = [(b"{not json", "BAD_REQUEST"), (bench.request_body([b"%PDF-1.7 a document"]), "INVALID_PARAMETER_VALUE"),
+           (bench.request_body([HAND_PHOTO.read_bytes(), b""]), "INVALID_PARAMETER_VALUE")]
+    bodies, expected = [], []
+    for i, photo in enumerate(photos):
+        bodies.append(bench.request_body([photo]))
+        expected.append(alone[i])
+        if i % 4 == 3:
+            body, code = bad[i // 4 % len(bad)]
+            bodies.append(body)
+            expected.append(code)
+    logs = bench.serve_load(server, [bodies] * SERVE_CLIENTS, SERVE_S)
+    for client, log in enumerate(logs):
+        assert {int(s.sent // 10) for s in log if s.status == 200} == {0, 1, 2}, client  # none starved
+        for sent in log:
+            want = expected[sent.index]
+            if isinstance(want, str):  # a bad body: refused, the server unharmed
+                assert sent.status == 400 and sent.answer["error_code"] == want, (client, sent)
+            else:
+                assert sent.status == 200 and sent.answer == want, (client, sent)
+    assert sum(s.status == 400 for log in logs for s in log) >= SERVE_CLIENTS
