@@ -206,8 +206,7 @@ def test_the_served_model_refuses_bad_photos_by_name_and_keeps_serving(server, h
     assert_same_answers(answer["predictions"], expected_answers(hand_run, [HAND_PHOTO.read_bytes()]))
 
 
-
-SERVE_CLIENTS, SERVE_S = 16, 30
+SERVE_CLIENTS, SERVE_S = 16, 30  # clients at once, and for how long
 
 
 @requires_shared
