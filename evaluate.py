@@ -2,6 +2,7 @@
 
     python evaluate.py --model_dir runs/latest                                # the validation split training held out
     python evaluate.py --model_dir runs/latest --test_dir ../shared/asl/test  # flat A_test.jpg files
+    python evaluate.py --model_dir runs/latest --test_data test --data_dir ../shared/asl   # the same, by name
     python evaluate.py --checkpoint runs/latest/best.pt --test_dir DIR --out_dir reports/external
 
 Without --test_dir the validation split is recomputed exactly as training made it (data folder, val_split, seed
@@ -48,6 +49,7 @@ from tqdm import tqdm
 
 import calibration
 import data_loader
+import datasets
 import hands
 import image_io
 import model_card
@@ -73,8 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_dir", help="training output folder (--save_dir of pt_train.py)")
     source.add_argument("--checkpoint", help="a .pt checkpoint written by pt_train.py")
-    p.add_argument("--test_dir", help="class sub-folders or flat <CLASS>_*.jpg files; default: the validation "
-                                      "split that training held out")
+    test = p.add_mutually_exclusive_group()
+    test.add_argument("--test_dir", help="class sub-folders or flat <CLASS>_*.jpg files; default: the validation "
+                                         "split that training held out")
+    test.add_argument("--test_data", metavar="NAME",
+                      help="a data folder by name instead (datasets.py list: test, omega, ...), downloaded where "
+                           "--data_dir lacks it")
+    p.add_argument("--data_dir", metavar="DIR", help="where --test_data's folder is, or goes (see datasets.py)")
     p.add_argument("--out_dir", default="reports/latest", help="where the report goes")
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
     p.add_argument("--known_classes_only", action="store_true",
@@ -94,7 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="predict on the CUDA GPU")
     p.add_argument("--mlflow_run", metavar="RUN_ID", help="log the report and metrics to this MLflow run")
     terminal.add_verbose_arg(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data_dir and not args.test_data:
+        p.error("--data_dir says where --test_data's folder is: name it with --test_data (e.g. --test_data test).")
+    return args
 
 
 # ------------------------------------------------------------------------------------------- what to score
@@ -725,6 +735,15 @@ def _run_dir(source: str) -> Path | None:
     return path if path.is_dir() else path.parent if path.is_file() else None
 
 
+def named_test_dir(name: str, data_dir: str | None) -> str:
+    """The folder --test_data names (datasets.resolve: downloaded where DATA_DIR lacks it); one folder, not a set."""
+    folders = datasets.folder_names(datasets.load_catalog(), [name])
+    if len(folders) != 1:
+        raise UsageError(f"--test_data {name} is a set of {len(folders)} folders: name one of them (e.g. test or "
+                         f"{datasets.short_name(folders[-1])}).")
+    return str(datasets.resolve(folders, data_dir)[0])
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.samples < 0 or (args.max_per_class is not None and args.max_per_class < 1):
         raise UsageError("--batch_size and --max_per_class must be at least 1, --samples at least 0.")
@@ -735,6 +754,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace, argv: list[str]) -> Evaluation:
     """Load the model, score the chosen images and write the report into args.out_dir."""
     _check_args(args)
+    if args.test_data:
+        args.test_dir = named_test_dir(args.test_data, args.data_dir)
     source = args.model_dir or args.checkpoint
     predictor = predict.load_predictor(source, "cuda" if args.gpu else "cpu")
     run_dir = _run_dir(source)

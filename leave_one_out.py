@@ -1,8 +1,9 @@
 """Leave signers out: how well a model reads a person it never saw, without touching a test set.
 
+    python leave_one_out.py --data everyone --data_dir ../shared/asl --out_dir reports/loso --groups 5
     python leave_one_out.py --xtrain_path ../shared/asl/train ../shared/asl/signers/* --out_dir reports/loso --groups 5
-    python leave_one_out.py --xtrain_path ... --out_dir reports/loso-hands --hands_only   # seconds per fold
-    python leave_one_out.py --xtrain_path ... --out_dir reports/loso --folds mariia omega --total_epochs 4
+    python leave_one_out.py --data everyone --out_dir reports/loso-hands --hands_only    # seconds per fold
+    python leave_one_out.py --data everyone --out_dir reports/loso --folds mariia omega --total_epochs 4
 
 Each training folder holds one signer (or one group of signers). For each folder (or those named by --folds) a
 model is trained on all the other folders, with pt_train.py's options (any of them may follow this command's
@@ -33,6 +34,7 @@ import torch
 
 import calibration
 import data_loader
+import datasets
 import evaluate
 import hands
 import image_io
@@ -55,8 +57,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     # no abbreviations: pt_train's --hands would be read as this command's --hands_only
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--xtrain_path", nargs="+", required=True,
-                   help="the training folders (or Kaggle datasets, OWNER/DATASET), each one signer or one group")
+    p.add_argument("--data", nargs="+", metavar="NAME",
+                   help="the training folders by name (datasets.py list: a set such as everyone, or folders), "
+                        "downloaded where --data_dir lacks them")
+    p.add_argument("--data_dir", metavar="DIR", help="where --data's folders are, or go (see datasets.py)")
+    p.add_argument("--xtrain_path", nargs="+",
+                   help="the training folders (or Kaggle datasets, OWNER/DATASET), each one signer or one group, "
+                        "after --data's")
     p.add_argument("--out_dir", default="reports/leave_one_out", help="runs, reports and the table go here")
     p.add_argument("--folds", nargs="+", metavar="NAME",
                    help="leave out only these folders (by name, as in the table; with --groups, their groups); "
@@ -218,7 +225,8 @@ def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
     if args.score_per_class < 0:
         raise UsageError(f"--score_per_class is a number of photos a letter (got {args.score_per_class}); 0 scores "
                          "them all.")
-    roots = [data_loader.training_folder(source) for source in args.xtrain_path]
+    roots = (datasets.resolve(args.data, args.data_dir) if args.data else []) + [
+        data_loader.training_folder(source) for source in args.xtrain_path or ()]
     all_names = pt_train.folder_names([str(root) for root in roots])
     check_names(all_names, "--folds", args.folds)
     check_names(all_names, "--calibrate_on", args.calibrate_on)
@@ -226,8 +234,8 @@ def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
         raise UsageError(f"--groups {args.groups}: deal the {len(roots)} training folders into 2 to {len(roots)} "
                          "groups.")
     if len(roots) < 2 + bool(args.calibrate_on):
-        raise UsageError("Leaving one folder out needs at least two training folders in --xtrain_path, and one more "
-                         "to calibrate on with --calibrate_on.")
+        raise UsageError("Leaving one folder out needs at least two training folders (--data or --xtrain_path), and "
+                         "one more to calibrate on with --calibrate_on.")
     out_dir = Path(args.out_dir)
     folds = folds_of(all_names, args.groups, seed)
     check_deal(out_dir, folds)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import calibration
 import data_loader
+import datasets
 import hands
 import gpu_pipeline
 import image_cache
@@ -61,14 +62,27 @@ HAND_MODES = ("crop", "fused", "none")  # --hands; the first is the default (doc
 # was right less often when it answered (docs/results.md, "Other people's hands")
 WHOLE_SHARE = 0.0
 MAX_PER_CLASS = 0  # --max_per_class
+# Named recipes (--recipe), side by side as torchvision's references name theirs: presets of the options below that
+# an option given on the command line still overrides. quick: the README's quick start, minutes on a laptop's CPU
+# (docs/results.md)
+RECIPES = {
+    "quick": {"max_per_class": 20, "arch": "efficientnet_lite0", "weights": "imagenet", "img_size": 128,
+              "total_epochs": 3},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
+    data.add_argument("--data", nargs="+", metavar="NAME",
+                      help="data by name (datasets.py list): a set (everyone: the Kaggle signer and 20 other "
+                           "people; signers) or a folder (omega, train), downloaded where --data_dir lacks it")
+    data.add_argument("--data_dir", metavar="DIR",
+                      help=f"where --data's folders are, or go (default: ${datasets.DATA_DIR_ENV}, else "
+                           f"{datasets.DEFAULT_DATA_DIR}); ../shared/asl holds them all")
     data.add_argument("--xtrain_path", nargs="+",
-                      help="folder(s) of class sub-folders, trained on together: classes merged by name (a/ is "
-                           "A/), each folder split on its own; default: download the Kaggle dataset")
+                      help="folder(s) of class sub-folders, trained on together (after --data's): classes merged by "
+                           "name (a/ is A/), each folder split on its own; default: download the Kaggle dataset")
     data.add_argument("--max_per_class", type=int, default=MAX_PER_CLASS, metavar="N",
                       help="at most N training images per class from each folder, spread evenly over its frames, so "
                            "that a folder of many near-duplicate video frames (the Kaggle signer's 270 a letter) does "
@@ -154,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "those people too read new people better and was better calibrated on them "
                             "(docs/results.md, 'Leave one signer out')")
     run = p.add_argument_group("run")
+    run.add_argument("--recipe", choices=RECIPES,
+                     help="a named preset: " + "; ".join(f"{name}: " + " ".join(f"--{k} {v}" for k, v in preset.items())
+                                                         for name, preset in RECIPES.items())
+                          + " (an option given as well wins)")
     run.add_argument("--save_dir", default="runs/latest")
     run.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pt")
     run.add_argument("--overwrite", action="store_true", help="start afresh even if SAVE_DIR has checkpoints")
@@ -175,6 +193,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
     log_experiment.add_tracking_args(track)
     args = p.parse_args(argv)
+    if args.recipe:
+        if args.init_from:
+            p.error(f"--recipe {args.recipe} trains a new model: leave out --init_from, or --recipe to fine-tune.")
+        # a second parse with the recipe as defaults: what the command line gives still wins
+        p.set_defaults(**RECIPES[args.recipe])
+        args = p.parse_args(argv)
+    if args.data_dir and not args.data:
+        p.error("--data_dir says where --data's folders are: name them with --data (e.g. --data everyone).")
     if args.init_from:
         given = [f"--{name}" for name in ("arch", "weights", "img_size", "hands") if getattr(args, name) is not None]
         if given:
@@ -259,8 +285,7 @@ def prepare(args: argparse.Namespace) -> dict:
     download and the hands."""
     _check_environment(args)
     init = _load_init(args) if args.init_from else None
-    roots = ([data_loader.training_folder(path) for path in args.xtrain_path] if args.xtrain_path
-             else [data_loader.download_dataset()])
+    roots = training_roots(args)
     rules = [new_rule(args)] * len(roots)
     if init:
         roots, rules = _fine_tuning_folders(args, init["metadata"], roots)
@@ -284,6 +309,14 @@ def prepare(args: argparse.Namespace) -> dict:
     if args.cache == "disk":
         make_splits(args, prepared)  # decode once here, before any worker starts; every rank then opens the same files
     return prepared
+
+
+def training_roots(args: argparse.Namespace) -> list[Path]:
+    """The folders to train on: --data's (datasets.resolve, downloaded where missing), then --xtrain_path's; the
+    Kaggle dataset where neither is given."""
+    roots = datasets.resolve(args.data, args.data_dir) if args.data else []
+    roots += [data_loader.training_folder(path) for path in args.xtrain_path or ()]
+    return roots or [data_loader.download_dataset()]
 
 
 def _calibration_set(args: argparse.Namespace, images: data_loader.ImageList) -> dict | None:

@@ -19,12 +19,13 @@ from sklearn.metrics import (accuracy_score, average_precision_score, classifica
                              roc_auc_score, top_k_accuracy_score)
 
 import data_loader
+import datasets
 import evaluate
 import image_io
 import model as models
 import predict
 import run_artifacts
-from conftest import SHARED_ASL, make_image_folder, requires_shared
+from conftest import SHARED_ASL, make_image_folder, requires_shared, write_catalog
 from errors import UsageError
 
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "pr_curves.png", "roc_curves.png",
@@ -123,6 +124,20 @@ def test_flat_test_layout_is_parsed(tmp_path):
     assert labels == {"A_test.jpg": "A", "B_test.jpg": "B", "my_class_7.png": "my_class",
                       "nothing_test.jpg": "nothing"}
     assert sorted(Path(p).name for p in images.skipped) == ["broken_test.jpg", "nolabel.jpg", "notes_x.txt"]
+
+
+def test_a_test_folder_may_be_named_as_data(tmp_path, monkeypatch, capsys):
+    for name in ("ann", "bo"):
+        make_image_folder(tmp_path / "copy" / name, per_class=2)
+    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
+    assert evaluate.named_test_dir("bo", str(tmp_path / "copy")) == str(tmp_path / "copy" / "bo")
+    # a set is several folders, and a report scores one: refused before any model is loaded
+    assert evaluate.main(["--model_dir", str(tmp_path / "no-run"), "--test_data", "people", "--data_dir",
+                          str(tmp_path / "copy"), "--out_dir", str(tmp_path / "out")]) == 2
+    assert "--test_data people is a set of 2 folders: name one of them" in capsys.readouterr().err
+    for argv in (["--test_dir", "x", "--test_data", "bo"], ["--data_dir", "x"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--model_dir", "m", *argv])
 
 
 def test_recomputed_validation_split_equals_the_training_split(trained_run):

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
+import datasets
 import leave_one_out
 import pt_train
-from conftest import SHARED_ASL, make_image_folder
+from conftest import SHARED_ASL, make_image_folder, write_catalog
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment",
         "--total_epochs", "1"]
@@ -96,6 +97,17 @@ def test_each_fold_calibrates_on_another_person_than_the_one_left_out(signers):
 def test_bad_input_exits_2_with_one_clear_line(signers, tmp_path, capsys, extra, message):
     assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(tmp_path), *extra, *FAST]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_folders_may_be_named_as_data(signers, tmp_path, monkeypatch, capsys):
+    root = signers[0].parent
+    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", root, ["ann", "bo", "cy"]))
+    # the folders resolved are the ones dealt: an unknown fold is named among them, before any training
+    assert leave_one_out.main(["--data", "people", "--data_dir", str(root), "--out_dir", str(tmp_path / "out"),
+                               "--folds", "dee", *FAST]) == 2
+    assert "--folds dee: not among the training folders (ann, bo, cy)" in capsys.readouterr().err
+    assert leave_one_out.main(["--out_dir", str(tmp_path / "out"), *FAST]) == 2
+    assert "at least two training folders (--data or --xtrain_path)" in capsys.readouterr().err
 
 
 def test_one_folder_cannot_be_left_out_of_itself(signers, tmp_path, capsys):

@@ -57,7 +57,8 @@ def test_an_incomplete_checkpoint_says_what_it_lacks(tmp_path, edit, cause):
         predict.load_predictor(path)
 
 
-TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration", "mlflow", "torchmetrics")
+TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration", "mlflow", "torchmetrics",
+                        "datasets")
 
 
 def test_serving_imports_no_training_or_tracking_module():

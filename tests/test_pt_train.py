@@ -17,13 +17,15 @@ import torch
 from PIL import Image
 
 import data_loader
+import datasets
 import hands
 import image_io
 import model
 import predict
 import pt_train
 import run_artifacts
-from conftest import HAND_CLASSES, ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared
+from conftest import (HAND_CLASSES, ROOT, SHARED_ASL, make_image_folder, requires_cuda, requires_shared,
+                      write_catalog)
 
 FAST = ["--weights", "none", "--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--no-augment"]
 
@@ -117,6 +119,47 @@ def test_the_default_resolution_follows_the_weights_unless_given():
     assert pt_train.parse_args(["--weights", "none"]).img_size == pt_train.DEFAULT_IMG_SIZE_SCRATCH
     assert pt_train.DEFAULT_IMG_SIZE_PRETRAINED != pt_train.DEFAULT_IMG_SIZE_SCRATCH  # else this cannot tell
     assert pt_train.parse_args(["--weights", "none", "--img_size", "64"]).img_size == 64
+
+
+def test_the_quick_recipe_presets_options_that_the_command_line_overrides(capsys):
+    quick = pt_train.parse_args(["--recipe", "quick"])
+    assert {k: getattr(quick, k) for k in pt_train.RECIPES["quick"]} == pt_train.RECIPES["quick"]
+    assert pt_train.parse_args([]).total_epochs != quick.total_epochs  # else this cannot tell
+    mine = pt_train.parse_args(["--recipe", "quick", "--total_epochs", "5", "--arch", "efficientnet_b0"])
+    assert (mine.total_epochs, mine.arch, mine.max_per_class, mine.img_size) == (5, "efficientnet_b0", 20, 128)
+    with pytest.raises(SystemExit):
+        pt_train.parse_args(["--recipe", "quick", "--init_from", "runs/x"])
+    assert "--recipe quick trains a new model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pt_train.parse_args(["--help"])
+    assert "--recipe {quick}" in capsys.readouterr().out
+
+
+def test_data_names_are_the_catalog_s_folders_before_xtrain_path(tmp_path, monkeypatch, capsys):
+    for name in ("ann", "bo"):
+        make_image_folder(tmp_path / "copy" / name, per_class=2)
+    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
+    extra = make_image_folder(tmp_path / "extra", per_class=2)
+    args = pt_train.parse_args(["--data", "people", "--data_dir", str(tmp_path / "copy"), "--xtrain_path", str(extra)])
+    assert pt_train.training_roots(args) == [tmp_path / "copy" / "ann", tmp_path / "copy" / "bo", extra]
+    with pytest.raises(SystemExit):
+        pt_train.parse_args(["--data_dir", str(tmp_path)])
+    assert "name them with --data" in capsys.readouterr().err
+    assert pt_train.main(["--data", "nobody", "--save_dir", str(tmp_path / "run")]) == 2
+    assert "No data named 'nobody'" in capsys.readouterr().err
+
+
+@requires_shared
+def test_the_quick_start_by_name_trains_on_the_folders_the_shell_glob_gave():
+    by_name = pt_train.parse_args(["--data", "everyone", "--data_dir", str(SHARED_ASL), "--recipe", "quick"])
+    by_path = pt_train.parse_args(["--xtrain_path", str(SHARED_ASL / "train"),
+                                   *sorted(str(p) for p in (SHARED_ASL / "signers").glob("*")),
+                                   "--max_per_class", "20", "--arch", "efficientnet_lite0", "--weights", "imagenet",
+                                   "--img_size", "128", "--total_epochs", "3"])
+    assert pt_train.training_roots(by_name) == pt_train.training_roots(by_path)
+    same = ("data", "data_dir", "recipe", "xtrain_path")
+    assert {k: v for k, v in vars(by_name).items() if k not in same} == \
+        {k: v for k, v in vars(by_path).items() if k not in same}
 
 
 def test_pretrained_weights_keep_their_first_stages_frozen_by_default(capsys):
