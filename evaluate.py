@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import calibration
 import data_loader
-import datasets
+import data_sources
 import hands
 import image_io
 import model_card
@@ -79,9 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     test.add_argument("--test_dir", help="class sub-folders or flat <CLASS>_*.jpg files; default: the validation "
                                          "split that training held out")
     test.add_argument("--test_data", metavar="NAME",
-                      help="a data folder by name instead (datasets.py list: test, omega, ...), downloaded where "
+                      help="a data folder by name instead (data_sources.py list: test, omega, ...), downloaded where "
                            "--data_dir lacks it")
-    p.add_argument("--data_dir", metavar="DIR", help="where --test_data's folder is, or goes (see datasets.py)")
+    p.add_argument("--data_dir", metavar="DIR", help="where --test_data's folder is, or goes (see data_sources.py)")
     p.add_argument("--out_dir", default="reports/latest", help="where the report goes")
     p.add_argument("--max_per_class", type=int, help="score at most N images per class (a seeded sample)")
     p.add_argument("--known_classes_only", action="store_true",
@@ -736,12 +736,12 @@ def _run_dir(source: str) -> Path | None:
 
 
 def named_test_dir(name: str, data_dir: str | None) -> str:
-    """The folder --test_data names (datasets.resolve: downloaded where DATA_DIR lacks it); one folder, not a set."""
-    folders = datasets.folder_names(datasets.load_catalog(), [name])
+    """The folder --test_data names (data_sources.resolve: downloaded where DATA_DIR lacks it); one folder, not a set."""
+    folders = data_sources.folder_names(data_sources.load_catalog(), [name])
     if len(folders) != 1:
         raise UsageError(f"--test_data {name} is a set of {len(folders)} folders: name one of them (e.g. test or "
-                         f"{datasets.short_name(folders[-1])}).")
-    return str(datasets.resolve(folders, data_dir)[0])
+                         f"{data_sources.short_name(folders[-1])}).")
+    return str(data_sources.resolve(folders, data_dir)[0])
 
 
 def _check_args(args: argparse.Namespace) -> None:

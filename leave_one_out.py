@@ -34,7 +34,7 @@ import torch
 
 import calibration
 import data_loader
-import datasets
+import data_sources
 import evaluate
 import hands
 import image_io
@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--data", nargs="+", metavar="NAME",
-                   help="the training folders by name (datasets.py list: a set such as everyone, or folders), "
+                   help="the training folders by name (data_sources.py list: a set such as everyone, or folders), "
                         "downloaded where --data_dir lacks them")
-    p.add_argument("--data_dir", metavar="DIR", help="where --data's folders are, or go (see datasets.py)")
+    p.add_argument("--data_dir", metavar="DIR", help="where --data's folders are, or go (see data_sources.py)")
     p.add_argument("--xtrain_path", nargs="+",
                    help="the training folders (or Kaggle datasets, OWNER/DATASET), each one signer or one group, "
                         "after --data's")
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
     if args.score_per_class < 0:
         raise UsageError(f"--score_per_class is a number of photos a letter (got {args.score_per_class}); 0 scores "
                          "them all.")
-    roots = (datasets.resolve(args.data, args.data_dir) if args.data else []) + [
+    roots = (data_sources.resolve(args.data, args.data_dir) if args.data else []) + [
         data_loader.training_folder(source) for source in args.xtrain_path or ()]
     all_names = pt_train.folder_names([str(root) for root in roots])
     check_names(all_names, "--folds", args.folds)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import calibration
 import data_loader
-import datasets
+import data_sources
 import hands
 import gpu_pipeline
 import image_cache
@@ -75,11 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="NAME",
-                      help="data by name (datasets.py list): a set (everyone: the Kaggle signer and 20 other "
+                      help="data by name (data_sources.py list): a set (everyone: the Kaggle signer and 20 other "
                            "people; signers) or a folder (omega, train), downloaded where --data_dir lacks it")
     data.add_argument("--data_dir", metavar="DIR",
-                      help=f"where --data's folders are, or go (default: ${datasets.DATA_DIR_ENV}, else "
-                           f"{datasets.DEFAULT_DATA_DIR}); ../shared/asl holds them all")
+                      help=f"where --data's folders are, or go (default: ${data_sources.DATA_DIR_ENV}, else "
+                           f"{data_sources.DEFAULT_DATA_DIR}); ../shared/asl holds them all")
     data.add_argument("--xtrain_path", nargs="+",
                       help="folder(s) of class sub-folders, trained on together (after --data's): classes merged by "
                            "name (a/ is A/), each folder split on its own; default: download the Kaggle dataset")
@@ -312,9 +312,9 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def training_roots(args: argparse.Namespace) -> list[Path]:
-    """The folders to train on: --data's (datasets.resolve, downloaded where missing), then --xtrain_path's; the
+    """The folders to train on: --data's (data_sources.resolve, downloaded where missing), then --xtrain_path's; the
     Kaggle dataset where neither is given."""
-    roots = datasets.resolve(args.data, args.data_dir) if args.data else []
+    roots = data_sources.resolve(args.data, args.data_dir) if args.data else []
     roots += [data_loader.training_folder(path) for path in args.xtrain_path or ()]
     return roots or [data_loader.download_dataset()]
 

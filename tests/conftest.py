@@ -45,7 +45,7 @@ def make_image_folder(root: Path, classes=("A", "B", "C"), per_class: int = 12, 
 
 
 def write_catalog(path: Path, data_dir: Path, folders: Iterable[str]) -> Path:
-    """A data catalog (datasets.py) of folders already in `data_dir`, each listed file for file, and the set
+    """A data catalog (data_sources.py) of folders already in `data_dir`, each listed file for file, and the set
     'people' of them all: a local copy that the commands taking --data names use as it is, with nothing to
     download (the URLs lead nowhere)."""
     import json

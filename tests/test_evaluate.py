@@ -19,7 +19,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, classifica
                              roc_auc_score, top_k_accuracy_score)
 
 import data_loader
-import datasets
+import data_sources
 import evaluate
 import image_io
 import model as models
@@ -129,7 +129,7 @@ def test_flat_test_layout_is_parsed(tmp_path):
 def test_a_test_folder_may_be_named_as_data(tmp_path, monkeypatch, capsys):
     for name in ("ann", "bo"):
         make_image_folder(tmp_path / "copy" / name, per_class=2)
-    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
+    monkeypatch.setattr(data_sources, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
     assert evaluate.named_test_dir("bo", str(tmp_path / "copy")) == str(tmp_path / "copy" / "bo")
     # a set is several folders, and a report scores one: refused before any model is loaded
     assert evaluate.main(["--model_dir", str(tmp_path / "no-run"), "--test_data", "people", "--data_dir",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import datasets
+import data_sources
 import leave_one_out
 import pt_train
 from conftest import SHARED_ASL, make_image_folder, write_catalog
@@ -101,7 +101,7 @@ def test_bad_input_exits_2_with_one_clear_line(signers, tmp_path, capsys, extra,
 
 def test_the_folders_may_be_named_as_data(signers, tmp_path, monkeypatch, capsys):
     root = signers[0].parent
-    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", root, ["ann", "bo", "cy"]))
+    monkeypatch.setattr(data_sources, "CATALOG", write_catalog(tmp_path / "catalog.json", root, ["ann", "bo", "cy"]))
     # the folders resolved are the ones dealt: an unknown fold is named among them, before any training
     assert leave_one_out.main(["--data", "people", "--data_dir", str(root), "--out_dir", str(tmp_path / "out"),
                                "--folds", "dee", *FAST]) == 2

@@ -58,7 +58,7 @@ def test_an_incomplete_checkpoint_says_what_it_lacks(tmp_path, edit, cause):
 
 
 TRAINING_OR_TRACKING = ("pt_engine", "pt_train", "log_experiment", "calibration", "mlflow", "torchmetrics",
-                        "datasets")
+                        "data_sources")
 
 
 def test_serving_imports_no_training_or_tracking_module():

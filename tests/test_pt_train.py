@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import data_loader
-import datasets
+import data_sources
 import hands
 import image_io
 import model
@@ -138,7 +138,7 @@ def test_the_quick_recipe_presets_options_that_the_command_line_overrides(capsys
 def test_data_names_are_the_catalog_s_folders_before_xtrain_path(tmp_path, monkeypatch, capsys):
     for name in ("ann", "bo"):
         make_image_folder(tmp_path / "copy" / name, per_class=2)
-    monkeypatch.setattr(datasets, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
+    monkeypatch.setattr(data_sources, "CATALOG", write_catalog(tmp_path / "catalog.json", tmp_path / "copy", ["ann", "bo"]))
     extra = make_image_folder(tmp_path / "extra", per_class=2)
     args = pt_train.parse_args(["--data", "people", "--data_dir", str(tmp_path / "copy"), "--xtrain_path", str(extra)])
     assert pt_train.training_roots(args) == [tmp_path / "copy" / "ann", tmp_path / "copy" / "bo", extra]

@@ -1,8 +1,8 @@
 """The training data by name: every folder of a data folder laid out as ../shared/asl, got from where it came.
 
-    python datasets.py list                                   # the sets and folders: photos, source, licence
-    python datasets.py get everyone                           # into ~/.cache/asl-toolkit/data (or $ASL_DATA_DIR)
-    python datasets.py get omega mariia --data_dir data --via archive
+    python data_sources.py list                                   # the sets and folders: photos, source, licence
+    python data_sources.py get everyone                           # into ~/.cache/asl-toolkit/data (or $ASL_DATA_DIR)
+    python data_sources.py get omega mariia --data_dir data --via archive
     python pt_train.py --data everyone --data_dir ../shared/asl --recipe quick   # training takes names too
 
 A source is data, not code: catalog.json names each folder's GitHub repository and commit (or Kaggle dataset),
@@ -45,7 +45,7 @@ from tqdm import tqdm
 import image_io
 from errors import UsageError
 
-log = logging.getLogger("datasets")
+log = logging.getLogger("data_sources")
 
 EXIT_USAGE = 2
 CATALOG = Path(__file__).resolve().with_name("catalog.json")
@@ -102,7 +102,7 @@ def folder_names(catalog: dict, names: list[str]) -> list[str]:
             found.append(name if name in catalog["folders"] else by_short[name])
         else:
             raise DataError(f"No data named '{name}': name a set ({', '.join(catalog['sets'])}) or a folder "
-                            f"({', '.join(by_short)}); `python datasets.py list` shows them.")
+                            f"({', '.join(by_short)}); `python data_sources.py list` shows them.")
     return list(dict.fromkeys(found))
 
 

@@ -1,4 +1,4 @@
-"""datasets.py: names to folders, a local copy used as it is, downloads from a loopback server (files and archives,
+"""data_sources.py: names to folders, a local copy used as it is, downloads from a loopback server (files and archives,
 resumed, checked, resized), and each way it fails in one line."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
+import data_sources
 from conftest import SHARED_ASL, encode, noise, requires_shared
 
 REPO, COMMIT = "someone/asl-photos", "c0ffee" * 6 + "abcd"
@@ -125,8 +125,8 @@ def stored(folder: Path) -> list[str]:
 def test_files_are_downloaded_checked_and_stored_as_the_catalog_says(tmp_path, server, caplog):
     serve_files(server)
     catalog = make_catalog(tmp_path, server.url)
-    caplog.set_level("INFO", "datasets")
-    folders = datasets.resolve(["signers"], tmp_path / "data", catalog)
+    caplog.set_level("INFO", "data_sources")
+    folders = data_sources.resolve(["signers"], tmp_path / "data", catalog)
     assert folders == [tmp_path / "data" / "signers" / "ann", tmp_path / "data" / "signers" / "bob"]
     assert stored(folders[0]) == ["A/a0.jpg", "A/a1.jpg", "B/a0.jpg", "B/a1.jpg"]
     with Image.open(folders[0] / "A" / "a0.jpg") as im:
@@ -136,7 +136,7 @@ def test_files_are_downloaded_checked_and_stored_as_the_catalog_says(tmp_path, s
     assert np.abs(bob[:3] - 128).mean() < 6 and np.abs(bob[7:] - 128).mean() > 40
     licences = [r.getMessage() for r in caplog.records if "licence" in r.getMessage()]
     assert len(licences) == 1 and "MIT" in licences[0]  # one source, told once
-    assert not list((tmp_path / "data" / datasets.DOWNLOADS).rglob("*.part"))
+    assert not list((tmp_path / "data" / data_sources.DOWNLOADS).rglob("*.part"))
 
 
 def test_a_folder_that_holds_its_files_is_used_without_a_request(tmp_path, server):
@@ -144,7 +144,7 @@ def test_a_folder_that_holds_its_files_is_used_without_a_request(tmp_path, serve
     for entry in json.loads(catalog.read_text())["folders"]["signers/ann"]["files"]:
         (tmp_path / "copy" / "signers" / "ann" / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "copy" / "signers" / "ann" / entry["file"]).write_bytes(b"re-encoded elsewhere")
-    assert datasets.resolve(["ann"], tmp_path / "copy", catalog) == [tmp_path / "copy" / "signers" / "ann"]
+    assert data_sources.resolve(["ann"], tmp_path / "copy", catalog) == [tmp_path / "copy" / "signers" / "ann"]
     assert server.requests == []
 
 
@@ -157,12 +157,12 @@ def test_a_wrong_checksum_is_named_and_not_kept_and_the_others_are(tmp_path, ser
     serve_files(server)
     server.files[f"/raw/{REPO}/{COMMIT}/data/B/1.png"] = photo(99)
     catalog = make_catalog(tmp_path, server.url)
-    assert datasets.main(["get", "ann", "--data_dir", str(tmp_path / "data"), "--catalog", str(catalog)]) == 2
+    assert data_sources.main(["get", "ann", "--data_dir", str(tmp_path / "data"), "--catalog", str(catalog)]) == 2
     errors = error_lines(capsys)
     assert len(errors) == 1
     assert "B/a1.jpg (SHA-256" in errors[0] and "run the same command again" in errors[0]
     assert stored(tmp_path / "data" / "signers" / "ann") == ["A/a0.jpg", "A/a1.jpg", "B/a0.jpg"]
-    assert not list((tmp_path / "data" / datasets.DOWNLOADS).rglob("*.part"))  # a wrong file is not resumed
+    assert not list((tmp_path / "data" / data_sources.DOWNLOADS).rglob("*.part"))  # a wrong file is not resumed
 
 
 @pytest.mark.parametrize("honour_range", [True, False], ids=["206", "range-ignored"])
@@ -172,11 +172,11 @@ def test_an_interrupted_download_is_resumed_by_the_rerun(tmp_path, server, honou
     path = f"/raw/{REPO}/{COMMIT}/data/A/0.png"
     server.cut[path] = 100
     catalog = make_catalog(tmp_path, server.url)
-    with pytest.raises(datasets.DataError, match=r"A/a0\.jpg \(cut short after 100 bytes; run again to resume"):
-        datasets.resolve(["ann"], tmp_path / "data", catalog)
-    assert (tmp_path / "data" / datasets.DOWNLOADS / "signers" / "ann" / "A" / "a0.jpg.part").stat().st_size == 100
+    with pytest.raises(data_sources.DataError, match=r"A/a0\.jpg \(cut short after 100 bytes; run again to resume"):
+        data_sources.resolve(["ann"], tmp_path / "data", catalog)
+    assert (tmp_path / "data" / data_sources.DOWNLOADS / "signers" / "ann" / "A" / "a0.jpg.part").stat().st_size == 100
     server.requests.clear()
-    datasets.resolve(["ann"], tmp_path / "data", catalog)
+    data_sources.resolve(["ann"], tmp_path / "data", catalog)
     assert server.requests == [(path, "bytes=100-")]  # only the missing file, from where it stopped
     assert stored(tmp_path / "data" / "signers" / "ann") == ["A/a0.jpg", "A/a1.jpg", "B/a0.jpg", "B/a1.jpg"]
 
@@ -185,27 +185,27 @@ def test_an_archive_serves_every_folder_of_its_repository_once(tmp_path, server)
     server.files[ARCHIVE_PATH] = archive({TOP + source: data for source, data in SOURCES.items()}
                                          | {TOP + "README.md": b"not taken"})
     catalog = make_catalog(tmp_path, server.url)
-    folders = datasets.resolve(["signers"], tmp_path / "data", catalog, via="archive")
+    folders = data_sources.resolve(["signers"], tmp_path / "data", catalog, via="archive")
     assert [stored(f) for f in folders] == [["A/a0.jpg", "A/a1.jpg", "B/a0.jpg", "B/a1.jpg"],
                                              ["A/b0.jpg", "A/b1.jpg", "B/b0.jpg", "B/b1.jpg"]]
     assert server.requests == [(ARCHIVE_PATH, None)]
-    assert list((tmp_path / "data" / datasets.DOWNLOADS).iterdir()) == []  # deleted once both folders are done
+    assert list((tmp_path / "data" / data_sources.DOWNLOADS).iterdir()) == []  # deleted once both folders are done
 
 
 def test_a_truncated_archive_is_named_and_deleted(tmp_path, server):
     whole = archive({TOP + source: data for source, data in SOURCES.items()})
     server.files[ARCHIVE_PATH] = whole[: len(whole) // 2]
     catalog = make_catalog(tmp_path, server.url)
-    with pytest.raises(datasets.DataError, match=r"archive .*\.zip from .* is damaged .* run the command again"):
-        datasets.resolve(["ann"], tmp_path / "data", catalog, via="archive")
-    assert list((tmp_path / "data" / datasets.DOWNLOADS).iterdir()) == []
+    with pytest.raises(data_sources.DataError, match=r"archive .*\.zip from .* is damaged .* run the command again"):
+        data_sources.resolve(["ann"], tmp_path / "data", catalog, via="archive")
+    assert list((tmp_path / "data" / data_sources.DOWNLOADS).iterdir()) == []
 
 
 def test_archive_members_that_climb_out_are_refused(tmp_path, server, caplog):
     evil = {TOP + "../../../evil.jpg": b"x", "/tmp/evil-abs.jpg": b"x", TOP + "data/A/../../../up.jpg": b"x"}
     server.files[ARCHIVE_PATH] = archive({TOP + source: data for source, data in SOURCES.items()} | evil)
     catalog = make_catalog(tmp_path, server.url)
-    datasets.resolve(["ann"], tmp_path / "data" / "inner", catalog, via="archive")
+    data_sources.resolve(["ann"], tmp_path / "data" / "inner", catalog, via="archive")
     assert sorted(p.name for p in tmp_path.rglob("*.jpg")) == ["a0.jpg", "a0.jpg", "a1.jpg", "a1.jpg"]
     assert "Refused 3 member(s)" in caplog.text
 
@@ -215,25 +215,25 @@ def test_a_catalog_path_that_leads_outside_is_refused(tmp_path, server):
     cat = json.loads(catalog.read_text())
     cat["folders"]["signers/ann"]["files"][0]["file"] = "../../escaped.jpg"
     catalog.write_text(json.dumps(cat))
-    with pytest.raises(datasets.DataError, match=r"'\.\./\.\./escaped\.jpg', which leads outside"):
-        datasets.resolve(["ann"], tmp_path / "data", catalog)
+    with pytest.raises(data_sources.DataError, match=r"'\.\./\.\./escaped\.jpg', which leads outside"):
+        data_sources.resolve(["ann"], tmp_path / "data", catalog)
 
 
 def test_names_are_sets_or_folders_and_an_unknown_one_lists_them(tmp_path, capsys):
     catalog = make_catalog(tmp_path, "http://127.0.0.1:9")
-    cat = datasets.load_catalog(catalog)
-    assert datasets.folder_names(cat, ["bob", "everyone"]) == ["signers/bob", "kag", "signers/ann"]
-    assert datasets.folder_names(cat, ["signers/ann"]) == ["signers/ann"]
-    assert datasets.main(["get", "carol", "--catalog", str(catalog)]) == 2
+    cat = data_sources.load_catalog(catalog)
+    assert data_sources.folder_names(cat, ["bob", "everyone"]) == ["signers/bob", "kag", "signers/ann"]
+    assert data_sources.folder_names(cat, ["signers/ann"]) == ["signers/ann"]
+    assert data_sources.main(["get", "carol", "--catalog", str(catalog)]) == 2
     (error,) = error_lines(capsys)
     assert error.startswith("ERROR No data named 'carol'") and "everyone, signers" in error and "kag, ann, bob" in error
 
 
 def test_offline_is_one_line_naming_the_host_and_the_copy(tmp_path, caplog):
     catalog = make_catalog(tmp_path, "http://127.0.0.1:9")  # the discard port: nothing listens, connection refused
-    for via in datasets.VIA:
-        with pytest.raises(datasets.DataError) as err:
-            datasets.resolve(["ann"], tmp_path / "data", catalog, via=via)
+    for via in data_sources.VIA:
+        with pytest.raises(data_sources.DataError) as err:
+            data_sources.resolve(["ann"], tmp_path / "data", catalog, via=via)
         assert str(err.value).startswith("Could not reach 127.0.0.1 (ConnectionRefusedError")
         assert "--data_dir ../shared/asl" in str(err.value) and "\n" not in str(err.value)
 
@@ -242,8 +242,8 @@ def test_a_data_folder_that_cannot_be_written_is_one_line(tmp_path, server):
     serve_files(server)
     catalog = make_catalog(tmp_path, server.url)
     (tmp_path / "a-file").write_text("")  # a folder under a file cannot be made, even by root
-    with pytest.raises(datasets.DataError, match=r"Cannot write the data into .*a-file.* give another --data_dir"):
-        datasets.resolve(["ann"], tmp_path / "a-file" / "data", catalog)
+    with pytest.raises(data_sources.DataError, match=r"Cannot write the data into .*a-file.* give another --data_dir"):
+        data_sources.resolve(["ann"], tmp_path / "a-file" / "data", catalog)
     assert server.requests == []
 
 
@@ -257,7 +257,7 @@ def test_kaggle_folders_come_from_kagglehub(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(kagglehub, "dataset_download", lambda handle: asked.append(handle) or str(download))
     catalog = make_catalog(tmp_path, "http://127.0.0.1:9")
-    (folder,) = datasets.resolve(["kag"], tmp_path / "data", catalog)
+    (folder,) = data_sources.resolve(["kag"], tmp_path / "data", catalog)
     assert asked == ["someone/frames"] and stored(folder) == ["A/A1.jpg", "B/B1.jpg"]  # the catalog's files only
     assert (folder / "B" / "B1.jpg").read_bytes() == b"B/B1.jpg"  # no size in the catalog: copied as they are
 
@@ -265,22 +265,22 @@ def test_kaggle_folders_come_from_kagglehub(tmp_path, monkeypatch):
         raise ConnectionError("Failed to resolve 'www.kaggle.com'\n(more)")
 
     monkeypatch.setattr(kagglehub, "dataset_download", offline)
-    with pytest.raises(datasets.DataError) as err:
-        datasets.resolve(["kag"], tmp_path / "elsewhere", catalog)
+    with pytest.raises(data_sources.DataError) as err:
+        data_sources.resolve(["kag"], tmp_path / "elsewhere", catalog)
     assert str(err.value).startswith("Could not download someone/frames from Kaggle (ConnectionError: Failed to")
     assert "with no internet, point --data_dir at a folder" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_list_names_the_sets_folders_and_licences(tmp_path, capsys):
     catalog = make_catalog(tmp_path, "http://127.0.0.1:9")
-    assert datasets.main(["list", "--catalog", str(catalog), "--data_dir", str(tmp_path)]) == 0
+    assert data_sources.main(["list", "--catalog", str(catalog), "--data_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "everyone: 3 folders, 10 photos" in out
     assert f"signers/ann: 4 photos, github.com/{REPO} at {COMMIT[:12]}, licence: MIT (to download)" in out
 
 
 def test_the_sets_train_in_the_quick_starts_order():
-    cat = datasets.load_catalog()
+    cat = data_sources.load_catalog()
     signers = [f for f in cat["folders"] if f.startswith("signers/")]
     # as the shell glob ../shared/asl/signers/* gave them: the seeded split and the batches depend on the order
     assert cat["sets"]["everyone"] == ["train", *sorted(signers)] and cat["sets"]["signers"] == sorted(signers)
@@ -289,16 +289,16 @@ def test_the_sets_train_in_the_quick_starts_order():
 
 @requires_shared
 def test_the_shared_copy_holds_every_folder_of_the_catalog():
-    cat = datasets.load_catalog()
+    cat = data_sources.load_catalog()
     for folder, entry in cat["folders"].items():
-        assert datasets.missing_files(SHARED_ASL / folder, entry) == [], folder
-    assert datasets.resolve(["everyone", "test"], SHARED_ASL) == [SHARED_ASL / f for f in
+        assert data_sources.missing_files(SHARED_ASL / folder, entry) == [], folder
+    assert data_sources.resolve(["everyone", "test"], SHARED_ASL) == [SHARED_ASL / f for f in
                                                                  [*cat["sets"]["everyone"], "test"]]
 
 
 @requires_shared
 def test_the_catalog_matches_the_shared_manifest_file_for_file():
-    cat = datasets.load_catalog()
+    cat = data_sources.load_catalog()
     manifest = json.loads((SHARED_ASL / "manifest.json").read_text())
     for name, recorded in manifest["signers"].items():
         entry = cat["folders"][f"signers/{name}"]
