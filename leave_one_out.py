@@ -38,6 +38,7 @@ import data_sources
 import evaluate
 import hands
 import image_io
+import predict
 import pt_train
 import run_artifacts
 from errors import UsageError
@@ -142,7 +143,8 @@ def full_fold(fold: str, left_out: dict[str, Path], argv: list[str], out_dir: Pa
         rows[name] = {"fold": fold, "images": m["n_images"], "hand_found": m.get("hands", {}).get("found_share"),
                       "accuracy": m["accuracy"], "top3": m[f"top{evaluate.TOP_K}_accuracy"],
                       "answered": trust["coverage"], "right_when_answered": trust["accuracy_when_answered"],
-                      "ece": trust["ece"], "weak": m["weak_classes"], "report": str(report / "report.md")}
+                      "ece": trust["ece"], "weak": m["weak_classes"], "report": str(report / "report.md"),
+                      "by_threshold": trust["by_threshold"]}
     return rows
 
 
@@ -216,6 +218,54 @@ def table_markdown(rows: dict[str, dict], hands_only: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_trust(rows: list[dict], threshold: float) -> dict:
+    """What the app does at `threshold` on all these folders' photos together: the share it answers and how often
+    rightly (each folder's `by_threshold` row, weighted by its photos)."""
+    at = [(row["images"], next(r for r in row["by_threshold"] if r["threshold"] == threshold)) for row in rows]
+    answered = sum(n * r["coverage"] for n, r in at)
+    right = sum(n * r["coverage"] * r["accuracy_when_answered"] for n, r in at if r["accuracy_when_answered"])
+    return {"threshold": threshold, "coverage": answered / sum(n for n, _ in at),
+            "accuracy_when_answered": right / answered if answered else None}
+
+
+def fitted_threshold(rows: dict[str, dict]) -> dict:
+    """The app's threshold fitted on the people left out (predict.fit_threshold on their photos pooled), and how a
+    threshold fitted so holds on people outside the fit: each fold's people read at the threshold fitted on the
+    other folds' (the mean over those people of the share answered and how often rightly)."""
+    def fit(chosen: list[dict]) -> float | None:
+        return predict.fit_threshold([pooled_trust(chosen, t) for t in predict.THRESHOLD_STEPS])
+
+    threshold = fit(list(rows.values()))
+    per_fold, checked = {}, []
+    for fold in sorted({row["fold"] for row in rows.values()}):
+        per_fold[fold] = fit([row for row in rows.values() if row["fold"] != fold])
+        at = predict.DEFAULT_THRESHOLD if per_fold[fold] is None else per_fold[fold]
+        checked += [pooled_trust([row], at) for row in rows.values() if row["fold"] == fold]
+    right = [c["accuracy_when_answered"] for c in checked if c["accuracy_when_answered"] is not None]
+    return {"threshold": predict.DEFAULT_THRESHOLD if threshold is None else threshold,
+            "precision_wanted": predict.ANSWER_PRECISION, "reached": threshold is not None, "people": len(rows),
+            "by_threshold": [pooled_trust(list(rows.values()), t) for t in predict.THRESHOLD_STEPS],
+            "cross_fitted": {"per_fold": per_fold, "answered": float(np.mean([c["coverage"] for c in checked])),
+                             "right_when_answered": float(np.mean(right)) if right else None,
+                             "people_below_precision": sum(r < predict.ANSWER_PRECISION for r in right)}}
+
+
+def threshold_markdown(fitted: dict) -> str:
+    """fitted_threshold's answer in words, under the table."""
+    cross = fitted["cross_fitted"]
+    if not fitted["reached"]:
+        return (f"\nNo threshold makes the app's answers on these people right {fitted['precision_wanted']:.0%} of "
+                f"the time: a model keeps the app's default, {predict.DEFAULT_THRESHOLD}.\n")
+    at = next(r for r in fitted["by_threshold"] if r["threshold"] == fitted["threshold"])
+    return (f"\nThe app's threshold fitted on these {fitted['people']} people (their photos pooled): "
+            f"**{fitted['threshold']:.2f}**, the lowest at which its answers are right {fitted['precision_wanted']:.0%} "
+            f"of the time (it answers {at['coverage']:.1%}, right on {at['accuracy_when_answered']:.4f}); train with "
+            f"`--threshold {fitted['threshold']:.2f}` to make it the model's. Fitted on the other folds' people "
+            f"only, each person is answered {cross['answered']:.1%} of the time, right on "
+            f"{cross['right_when_answered']:.4f} (mean over people; {cross['people_below_precision']} below "
+            f"{fitted['precision_wanted']:.0%}).\n")
+
+
 def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
     """Every fold not yet scored, then the table of every folder scored in OUT_DIR."""
     seed = pt_train.parse_args([*train_argv, "--xtrain_path", "."]).seed  # pt_train's own errors before any training
@@ -264,7 +314,13 @@ def run(args: argparse.Namespace, train_argv: list[str]) -> dict[str, dict]:
     rows = {name: run_artifacts.load_json(out_dir / name / ROW_FILE) for name in all_names
             if (out_dir / name / ROW_FILE).is_file()}
     run_artifacts.save_json(rows, out_dir / "table.json")
-    run_artifacts.save_bytes(table_markdown(rows, args.hands_only).encode(), out_dir / "table.md")
+    table = table_markdown(rows, args.hands_only)
+    # a threshold needs the app's answers (a whole model's rows) and people outside each fit to check it on
+    if all("by_threshold" in row for row in rows.values()) and len({row["fold"] for row in rows.values()}) > 1:
+        fitted = fitted_threshold(rows)
+        run_artifacts.save_json(fitted, out_dir / "threshold.json")
+        table += threshold_markdown(fitted)
+    run_artifacts.save_bytes(table.encode(), out_dir / "table.md")
     return rows
 
 

@@ -143,7 +143,10 @@ def training_card(run_name: str, config: Mapping, history: Sequence[Mapping[str,
               _calibration_line("Image network", calibration)]
     if landmarks:
         lines.append(_calibration_line("Landmark network", hand_calibration))
-    if threshold is not None:
+    if threshold is not None and threshold.get("given"):
+        lines.append(f"- **The app's threshold:** {threshold['threshold']:.2f}, given with --threshold (leave_one_out.py "
+                     "fits one on people left out of training).")
+    elif threshold is not None:
         at = next(row for row in threshold["by_threshold"] if row["threshold"] == threshold["threshold"])
         right = "n/a" if at["accuracy_when_answered"] is None else f"{at['accuracy_when_answered']:.1%}"
         why = ("the lowest at which its answers on those people were right" if threshold["reached"] else

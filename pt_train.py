@@ -66,8 +66,10 @@ MAX_PER_CLASS = 0  # --max_per_class
 # an option given on the command line still overrides. quick: the README's quick start, minutes on a laptop's CPU
 # (docs/results.md)
 RECIPES = {
+    # threshold: the one leave_one_out.py --groups 5 fitted on the 21 people it left out (docs/results.md, "Leave one
+    # signer out"); the validation split's people are read too well to fit it on
     "quick": {"max_per_class": 20, "arch": "efficientnet_lite0", "weights": "imagenet", "img_size": 128,
-              "total_epochs": 3},
+              "total_epochs": 3, "threshold": 0.95},
 }
 
 
@@ -167,6 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "of the validation split. A stricter threshold, but left one signer out, training on "
                             "those people too read new people better and was better calibrated on them "
                             "(docs/results.md, 'Leave one signer out')")
+    optim.add_argument("--threshold", type=float, metavar="T",
+                       help="the app's default confidence threshold, recorded in the model (else "
+                            f"{predict.DEFAULT_THRESHOLD}); leave_one_out.py fits one on people left out of training "
+                            "(OUT_DIR/threshold.json). --calibration_path fits its own")
     run = p.add_argument_group("run")
     run.add_argument("--recipe", choices=RECIPES,
                      help="a named preset: " + "; ".join(f"{name}: " + " ".join(f"--{k} {v}" for k, v in preset.items())
@@ -193,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--mlflow", action="store_true", help="log the run to MLflow (implied by the options below)")
     log_experiment.add_tracking_args(track)
     args = p.parse_args(argv)
+    if args.threshold is not None and args.calibration_path:
+        p.error("--calibration_path fits the app's threshold on its people: leave out --threshold, or "
+                "--calibration_path.")
     if args.recipe:
         if args.init_from:
             p.error(f"--recipe {args.recipe} trains a new model: leave out --init_from, or --recipe to fine-tune.")
@@ -213,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.hands = args.hands or HAND_MODES[0]
     if not 0.0 <= args.whole_share <= 1.0:
         p.error(f"--whole_share {args.whole_share} is a share of the training images: give one from 0 to 1.")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        p.error(f"--threshold {args.threshold} is a probability: give one from 0 to 1.")
     if args.frozen_stages is None:
         args.frozen_stages = PRETRAINED_FROZEN_STAGES if args.weights == "imagenet" else 0
     if args.total_epochs is None:
@@ -647,6 +658,9 @@ def _finish_best(save_dir: Path, net: nn.Module, hand_net: nn.Module | None, spl
         meta["calibrated_on"] = people["images"].roots if people else "validation split"
         if people:
             meta["threshold"] = _fit_threshold(net, hand_net, meta, logits, targets, hands_found, save_dir)
+    if args.threshold is not None and "threshold" not in meta:
+        meta["threshold"] = args.threshold
+        run_artifacts.save_json({"threshold": args.threshold, "given": True}, save_dir / "threshold.json")
     run_artifacts.save_checkpoint(ckpt, save_dir / "best.pt")
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import data_sources
 import leave_one_out
+import predict
 import pt_train
 from conftest import SHARED_ASL, make_image_folder, write_catalog
 
@@ -176,3 +177,39 @@ def test_grouped_folds_score_each_folder_by_the_model_of_the_fold_that_left_it_o
 def test_an_out_dir_keeps_the_deal_it_was_started_with(grouped, signers, capsys):
     assert leave_one_out.main(["--xtrain_path", *map(str, signers), "--out_dir", str(grouped), *FAST]) == 2
     assert "holds folds dealt otherwise" in capsys.readouterr().err
+
+
+def person(fold: str, accuracy_from: dict[float, float]) -> dict:
+    """A left-out folder's row: 10 photos, half of them answered at every threshold, right as often as
+    `accuracy_from` says from each threshold on."""
+    def right(t: float) -> float:
+        return accuracy_from[max(k for k in accuracy_from if k <= t)]
+    return {"fold": fold, "images": 10, "by_threshold": [{"threshold": t, "coverage": 0.5,
+                                                           "accuracy_when_answered": right(t)}
+                                                          for t in predict.THRESHOLD_STEPS]}
+
+
+def test_the_app_s_threshold_is_fitted_on_the_people_left_out_and_checked_on_people_outside_the_fit():
+    rows = {"ann": person("group-1", {0: 0.9, 0.6: 1.0}), "bo": person("group-2", {0: 0.9, 0.8: 0.98}),
+            "cy": person("group-3", {0: 0.95})}
+    fitted = leave_one_out.fitted_threshold(rows)
+    # pooled: 0.9167 below 0.6, 0.95 from 0.6, 0.9767 from 0.8
+    assert fitted["threshold"] == 0.8 and fitted["reached"] and fitted["people"] == 3
+    cross = fitted["cross_fitted"]
+    # without ann no threshold reaches 97% (ann keeps 0.5); without bo 0.6 does; without cy 0.8
+    assert cross["per_fold"] == {"group-1": None, "group-2": 0.6, "group-3": 0.8}
+    assert cross["right_when_answered"] == pytest.approx((0.9 + 0.9 + 0.95) / 3) and cross["answered"] == 0.5
+    assert cross["people_below_precision"] == 3
+    assert "right 97%" in leave_one_out.threshold_markdown({**fitted, "reached": False})
+    assert "**0.80**" in leave_one_out.threshold_markdown(fitted) and "--threshold 0.80" in \
+        leave_one_out.threshold_markdown(fitted)
+
+
+def test_a_grouped_table_names_the_threshold_fitted_on_its_people(grouped):
+    fitted = json.loads((grouped / "threshold.json").read_text())
+    rows = json.loads((grouped / "table.json").read_text())
+    assert fitted == leave_one_out.fitted_threshold(rows)
+    for name, row in rows.items():  # each person's row holds what the app does at each threshold on them
+        assert row["by_threshold"] == json.loads((grouped / name / "report" / "metrics.json").read_text()
+                                                 )["trust"]["by_threshold"]
+    assert (grouped / "table.md").read_text().endswith(leave_one_out.threshold_markdown(fitted))

@@ -438,6 +438,21 @@ def test_calibration_folders_that_cannot_be_used_are_explained(two_folders, tmp_
     assert message in capsys.readouterr().err
 
 
+def test_a_threshold_given_is_the_model_s_and_calibration_people_fit_their_own(two_folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pt_train.main(["--xtrain_path", str(two_folders[0]), "--save_dir", str(out), "--threshold", "0.8",
+                          "--total_epochs", "1", *FAST]) == 0
+    predictor = predict.load_predictor(out)
+    assert predictor.threshold == 0.8 and json.loads((out / "threshold.json").read_text())["given"]
+    assert "**The app's threshold:** 0.80, given with --threshold" in (out / "MODEL_CARD.md").read_text()
+    assert pt_train.parse_args(["--recipe", "quick", "--threshold", "0.6"]).threshold == 0.6
+    for argv, message in ((["--threshold", "1.5"], "is a probability"),
+                          (["--threshold", "0.8", "--calibration_path", "people/"], "fits the app's threshold")):
+        with pytest.raises(SystemExit):
+            pt_train.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_without_calibration_people_the_model_keeps_the_app_s_default_threshold(trained_run):
     predictor = predict.load_predictor(trained_run)
     assert "threshold" not in predictor.metadata and predictor.threshold == predict.DEFAULT_THRESHOLD
