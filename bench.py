@@ -866,10 +866,13 @@ def _live_page(url: str, token: str, frames: Sequence[bytes], start: float, fps:
         return sorted((future.result() for future in futures), key=lambda s: s.sent + s.latency)
 
 
-def live_load(url: str, pages: Sequence[tuple[str, Sequence[bytes]]], fps: float, seconds: float) -> list[list[Sent]]:
+def live_load(url: str, pages: Sequence[tuple[str, Sequence[bytes]]], fps: float, seconds: float,
+              start: float | None = None) -> list[list[Sent]]:
     """Live pages at once against the app at `url`: each (token, its camera's frames) sends `fps` frames a second
-    for `seconds` (see `_live_page`), all starting together; each page's answers in the order they came."""
-    start = time.monotonic() + 0.5  # every page's thread started before the first tick
+    for `seconds` (see `_live_page`), all starting together at `start` (time.monotonic(); by default in 0.5 s, so
+    that every page's thread has started before the first tick); each page's answers in the order they came, their
+    times counted from `start`."""
+    start = time.monotonic() + 0.5 if start is None else start
     ticks = round(seconds * fps)
     with ThreadPoolExecutor(len(pages)) as pool:
         futures = [pool.submit(_live_page, url, token, frames, start, fps, ticks) for token, frames in pages]
